@@ -1,0 +1,261 @@
+"""Typed run configuration: dataclasses loaded from JSON/YAML with dotted command-line overrides.
+
+Every key and type is checked when the config is loaded, before any model or data is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import CodirError
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # local folder (or hub name where a network exists) of a BERT/RoBERTa-style model
+    zero3: bool = True  # partition the frozen teacher across ranks with ZeRO-3 inference
+
+
+@dataclass
+class StudentConfig:
+    init: Literal["teacher_layers", "config", "checkpoint"] = "teacher_layers"
+    num_layers: int = 0  # teacher_layers: student depth; 0 means half the teacher's depth
+    config_path: str = ""  # init=config: a config.json (or folder) of a smaller model with the teacher's vocab
+    checkpoint: str = ""  # init=checkpoint: a Hugging Face folder to start from
+
+
+@dataclass
+class CodirConfig:
+    layer_map: Optional[list[int]] = None  # teacher layer (1-based) per student layer; None = uniform
+    pooling: Literal["mean", "cls"] = "mean"
+    projection_dim: int = 128
+    temperature: float = 0.07
+    queue_length: int = 4096
+
+
+@dataclass
+class LossConfig:
+    mlm: float = 1.0  # weight of the student's masked-LM loss
+    kd: float = 0.0  # alpha: KD on MLM logits; needs a teacher with a trained MLM head
+    kd_temperature: float = 2.0
+    codir: float = 1.0  # beta: contrastive loss on intermediate representations
+
+
+@dataclass
+class DataConfig:
+    files: list[str] = field(default_factory=list)  # local text/json/jsonl/parquet files
+    dataset: str = ""  # a `datasets` hub name instead of files (needs a network)
+    dataset_config: str = ""
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = False  # read lazily: for corpora larger than memory
+    max_seq_length: int = 128
+    mlm_probability: float = 0.15
+
+
+@dataclass
+class TrainConfig:
+    deepspeed_config: str = "ds_configs/cpu_small.json"
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    seed: int = 42
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between TensorBoard scalars
+    tensorboard_dir: str = ""  # default: <output.dir>/tensorboard
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints; 0 disables periodic checkpoints
+    dir: str = ""  # default: <output.dir>/checkpoints
+    resume: str = "latest"  # "latest", "" (start fresh) or a tag such as step_500
+    keep: int = 2  # most recent checkpoints kept on disk
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/codir"
+    export: bool = True  # export the student as a Hugging Face folder at the end of the run
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1: CoDIR pre-training distillation."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    codir: CodirConfig = field(default_factory=CodirConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        """Reject impossible values that need no model to detect."""
+        _require(self.teacher.path, "teacher.path", "must name the teacher model folder")
+        _at_least(self.student.num_layers, 0, "student.num_layers")
+        if self.student.init == "config":
+            _require(self.student.config_path, "student.config_path", "is needed with student.init=config")
+        if self.student.init == "checkpoint":
+            _require(self.student.checkpoint, "student.checkpoint", "is needed with student.init=checkpoint")
+        if self.codir.layer_map is not None:
+            if not self.codir.layer_map:
+                raise CodirError("codir.layer_map: must list at least one teacher layer (or be null)")
+            for layer in self.codir.layer_map:
+                _at_least(layer, 1, "codir.layer_map")
+        _at_least(self.codir.projection_dim, 1, "codir.projection_dim")
+        _positive(self.codir.temperature, "codir.temperature")
+        _at_least(self.codir.queue_length, 0, "codir.queue_length")
+        for name in ("mlm", "kd", "codir"):
+            _at_least(getattr(self.loss, name), 0, f"loss.{name}")
+        _positive(self.loss.kd_temperature, "loss.kd_temperature")
+        if not self.data.files and not self.data.dataset:
+            raise CodirError("data.files: give local corpus files (or data.dataset, a hub name)")
+        _at_least(self.data.max_seq_length, 8, "data.max_seq_length")
+        if not 0 < self.data.mlm_probability < 1:
+            raise CodirError(f"data.mlm_probability: {self.data.mlm_probability} is not in (0, 1)")
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps"):
+            _at_least(getattr(self.train, name), 1, f"train.{name}")
+        _positive(self.train.lr, "train.lr")
+        _at_least(self.train.warmup_steps, 0, "train.warmup_steps")
+        _at_least(self.logging.every, 1, "logging.every")
+        _at_least(self.checkpoint.every, 0, "checkpoint.every")
+        _at_least(self.checkpoint.keep, 1, "checkpoint.keep")
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return Path(self.logging.tensorboard_dir or Path(self.output.dir) / "tensorboard")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.output.dir) / "checkpoints")
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.output.dir) / "student"
+
+
+def _require(value: str, key: str, why: str) -> None:
+    if not value:
+        raise CodirError(f"{key}: {why}")
+
+
+def _at_least(value: float, low: float, key: str) -> None:
+    if value < low:
+        raise CodirError(f"{key}: {value} is below the minimum {low}")
+
+
+def _positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise CodirError(f"{key}: {value} must be > 0")
+
+
+C = typing.TypeVar("C")
+
+
+def load_config(cls: type[C], path: str | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Build `cls` from a JSON/YAML file plus dotted overrides (`{"codir.temperature": 0.05}`), validated."""
+    raw: dict[str, Any] = _read_file(Path(path)) if path else {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    config = _build(cls, raw, prefix="")
+    config.validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for logging and saving beside checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CodirError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise CodirError(f"config file {path} does not parse: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CodirError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise CodirError(f"{dotted}: '{part}' is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise CodirError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise CodirError(f"unknown config key '{prefix}{key}'{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint; ints are accepted for floats, a lone string for list[str]."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise CodirError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str) and args[0] is str:
+            value = [value]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise CodirError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, args[0], key) for item in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # fire parses `--checkpoint.resume=500` as an int
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise CodirError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value

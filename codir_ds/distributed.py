@@ -1,0 +1,45 @@
+"""Collective helpers on DeepSpeed's communication API (NCCL on GPUs, gloo/shm on CPU)."""
+from __future__ import annotations
+
+import torch
+import deepspeed.comm as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's `local` rows concatenated in rank order (no gradient), and this rank's first row index.
+
+    Ranks may hold different numbers of rows (an uneven last batch).
+    """
+    if world_size() == 1:
+        return local.detach().clone(), 0
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = local.new_zeros((max(counts),) + tuple(local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded.contiguous())
+    rows = torch.cat([block[:n] for block, n in zip(gathered, counts)])
+    return rows, sum(counts[: rank()])
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Wait for every rank, then tear the process group down, so no rank exits while others still talk."""
+    if dist.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()

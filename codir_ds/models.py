@@ -1,0 +1,212 @@
+"""Loading teacher and student with transformers' Auto classes, and initialising the student from the teacher."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from .config import PretrainConfig, StudentConfig
+from .errors import CodirError
+from .layer_map import resolve_layer_map
+
+_LAYER_KEY = re.compile(r"^(.*encoder\.layer\.)(\d+)(\..*)$")
+_MLM_HEAD_PREFIXES = ("cls.predictions.", "lm_head.", "generator_lm_head.", "predictions.")
+
+
+@dataclass
+class ModelPlan:
+    """What a run will build, worked out from configs and file headers before any weights load."""
+
+    teacher_config: PretrainedConfig
+    student_config: PretrainedConfig
+    layer_map: list[int]  # teacher layer (1-based) for each student layer
+    teacher_has_mlm_head: bool
+
+
+def plan_models(cfg: PretrainConfig) -> ModelPlan:
+    """Check teacher, student and layer map against each other; raise `CodirError` on any mismatch."""
+    teacher_config = read_model_config(cfg.teacher.path, "teacher.path")
+    student_cfg = cfg.student
+    if student_cfg.init == "teacher_layers" and not student_cfg.num_layers and cfg.codir.layer_map:
+        student_cfg = dataclasses.replace(student_cfg, num_layers=len(cfg.codir.layer_map))
+    student_config = student_model_config(student_cfg, teacher_config)
+    layer_map = resolve_layer_map(
+        cfg.codir.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers
+    )
+    head = has_mlm_head(cfg.teacher.path) if Path(cfg.teacher.path).is_dir() else True
+    return ModelPlan(teacher_config, student_config, layer_map, head)
+
+
+def read_model_config(source: str, role: str) -> PretrainedConfig:
+    """The `config.json` of a model folder (or hub name), without loading weights."""
+    if _looks_local(source) and not Path(source, "config.json").is_file():
+        raise CodirError(f"{role}: no config.json in {source!r} (expected a Hugging Face model folder)")
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise CodirError(f"{role}: cannot read the model config at {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(source: str, role: str):
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        raise CodirError(f"{role}: cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def checkpoint_tensor_names(source: str) -> list[str]:
+    """Names of the tensors stored in a local model folder, read from file headers only."""
+    return list(_checkpoint_tensors(source))
+
+
+def has_mlm_head(source: str) -> bool:
+    """Whether the checkpoint holds trained masked-LM head weights (a sentence-embedding BERT does not)."""
+    return any(name.startswith(_MLM_HEAD_PREFIXES) or ".lm_head." in name for name in checkpoint_tensor_names(source))
+
+
+def load_teacher(source: str, with_mlm_head: bool) -> PreTrainedModel:
+    """The frozen teacher: eval mode, no gradients. Under an active `HfDeepSpeedConfig` with ZeRO-3,
+    `from_pretrained` loads it already partitioned, so no rank holds the whole model."""
+    auto = AutoModelForMaskedLM if with_mlm_head else AutoModel
+    try:
+        teacher = auto.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise CodirError(f"teacher.path: cannot load {source!r}: {str(err).splitlines()[0]}") from None
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def student_model_config(cfg: StudentConfig, teacher_config: PretrainedConfig) -> PretrainedConfig:
+    """The student's architecture, checked to share the teacher's vocabulary."""
+    if cfg.init == "teacher_layers":
+        student_config = copy.deepcopy(teacher_config)
+        student_config.num_hidden_layers = cfg.num_layers or max(1, teacher_config.num_hidden_layers // 2)
+        if student_config.num_hidden_layers > teacher_config.num_hidden_layers:
+            raise CodirError(
+                f"student.num_layers: {cfg.num_layers} exceeds the teacher's {teacher_config.num_hidden_layers} layers"
+            )
+        return student_config
+    source = cfg.config_path if cfg.init == "config" else cfg.checkpoint
+    key = "student.config_path" if cfg.init == "config" else "student.checkpoint"
+    student_config = read_model_config(str(Path(source).parent if source.endswith(".json") else source), key)
+    if student_config.vocab_size != teacher_config.vocab_size:
+        raise CodirError(
+            f"{key}: student vocabulary size {student_config.vocab_size} differs from the teacher's "
+            f"{teacher_config.vocab_size}: teacher and student must share one tokenizer"
+        )
+    return student_config
+
+
+def check_same_tokenizer(teacher_source: str, student_source: str) -> None:
+    """Raise if a student folder ships a tokenizer whose vocabulary differs from the teacher's."""
+    if not any(Path(student_source, name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
+        return
+    teacher_vocab = load_tokenizer(teacher_source, "teacher.path").get_vocab()
+    student_vocab = load_tokenizer(student_source, "student.checkpoint").get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
+        raise CodirError(
+            f"student.checkpoint: tokenizer of {student_source!r} differs from the teacher's "
+            f"({len(student_vocab)} vs {len(teacher_vocab)} tokens, {differing} entries differ)"
+        )
+
+
+def build_student(cfg: StudentConfig, teacher_source: str, teacher_config: PretrainedConfig, layer_map: list[int]):
+    """A masked-LM student, initialised as `cfg.init` says."""
+    student_config = student_model_config(cfg, teacher_config)
+    if cfg.init == "checkpoint":
+        check_same_tokenizer(teacher_source, cfg.checkpoint)
+        try:
+            return AutoModelForMaskedLM.from_pretrained(cfg.checkpoint)
+        except (OSError, ValueError) as err:
+            raise CodirError(f"student.checkpoint: cannot load {cfg.checkpoint!r}: {str(err).splitlines()[0]}") from None
+    student = AutoModelForMaskedLM.from_config(student_config)
+    if cfg.init == "teacher_layers":
+        copy_teacher_layers(student, teacher_source, layer_map)
+    return student
+
+
+@torch.no_grad()
+def copy_teacher_layers(student: PreTrainedModel, teacher_source: str, layer_map: list[int]) -> list[str]:
+    """Copy embeddings, student layer i <- teacher layer layer_map[i-1], and any MLM head the teacher has.
+
+    Teacher tensors are read one at a time from its checkpoint, so the whole teacher is never in memory.
+    Returns the student tensor names that kept their random initialisation (e.g. a headless teacher's MLM head).
+    """
+    teacher = _checkpoint_tensors(teacher_source)
+    prefix = student.base_model_prefix + "."
+    state = student.state_dict()
+    missing = []
+    for name, target in state.items():
+        source_name = _teacher_name(name, layer_map)
+        candidates = [source_name, source_name.removeprefix(prefix), prefix + source_name]
+        found = next((c for c in candidates if c in teacher), None)
+        if found is None:
+            missing.append(name)
+            continue
+        tensor = teacher[found]()
+        if tensor.shape != target.shape:
+            raise CodirError(f"teacher tensor {found} has shape {tuple(tensor.shape)}, student expects {tuple(target.shape)}")
+        target.copy_(tensor)
+    not_copied = [n for n in missing if n.startswith(prefix + "encoder.") or n.startswith(prefix + "embeddings.")]
+    if not_copied:
+        raise CodirError(
+            f"teacher checkpoint {teacher_source!r} lacks {len(not_copied)} body tensors the student needs "
+            f"(first: {not_copied[0]}); student.init=teacher_layers supports BERT/RoBERTa-style encoder.layer.N naming"
+        )
+    student.tie_weights()
+    return missing
+
+
+def _teacher_name(student_name: str, layer_map: list[int]) -> str:
+    match = _LAYER_KEY.match(student_name)
+    if not match:
+        return student_name
+    return f"{match.group(1)}{layer_map[int(match.group(2))] - 1}{match.group(3)}"
+
+
+def _checkpoint_tensors(source: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> zero-argument loader, so a tensor is read only when asked for."""
+    folder = Path(source)
+    if not folder.is_dir():
+        raise CodirError(f"teacher.path: {source!r} is not a local model folder (needed to read teacher weights)")
+    tensors: dict[str, Callable[[], torch.Tensor]] = {}
+    for file in _weight_files(folder):
+        if file.suffix == ".safetensors":
+            try:
+                handle = safe_open(str(file), "pt")
+            except Exception as err:  # safetensors raises its own error types for bad headers
+                raise CodirError(f"corrupt weight file {file}: {err}") from None
+            for name in handle.keys():
+                tensors[name] = lambda h=handle, n=name: h.get_tensor(n)
+        else:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            for name in state:
+                tensors[name] = lambda s=state, n=name: s[n]
+    return tensors
+
+
+def _weight_files(folder: Path) -> Iterator[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            yield from (folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values())))
+            return
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            yield folder / single
+            return
+    raise CodirError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") != 1

@@ -1,0 +1,62 @@
+"""The CoDIR objective: projection heads and student-anchored InfoNCE, as pure tensor functions."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProjectionHeads(nn.Module):
+    """Two linear heads mapping student and teacher features to a shared, L2-normalised space."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, projection_dim: int = 128):
+        super().__init__()
+        self.student = nn.Linear(student_dim, projection_dim)
+        self.teacher = nn.Linear(teacher_dim, projection_dim)
+
+    def project_student(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.student(features), dim=-1)
+
+    def project_teacher(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.teacher(features.to(self.teacher.weight.dtype)), dim=-1)
+
+
+def contrastive_logits(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    positive_index: torch.Tensor,
+    temperature: float,
+    anchor_labels: torch.Tensor | None = None,
+    candidate_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Similarities / temperature of each anchor to every candidate [batch, candidates].
+
+    Candidate `positive_index[i]` is anchor i's positive; all others are negatives. With labels,
+    negatives sharing the anchor's label are masked out (-inf), as CoDIR's label-aware finetuning asks.
+    """
+    logits = anchors @ candidates.T / temperature
+    if anchor_labels is not None and candidate_labels is not None:
+        same_label = anchor_labels.unsqueeze(1) == candidate_labels.unsqueeze(0)
+        same_label[torch.arange(len(anchors), device=anchors.device), positive_index] = False
+        logits = logits.masked_fill(same_label, float("-inf"))
+    return logits
+
+
+def info_nce(logits: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(exp(pos) / sum(exp(all unmasked candidates))) over the batch."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), positive_index)
+
+
+@torch.no_grad()
+def contrastive_stats(logits: torch.Tensor, positive_index: torch.Tensor, temperature: float) -> dict[str, float]:
+    """Top-1 accuracy of picking the positive, and mean positive / negative cosine similarity."""
+    rows = torch.arange(len(logits), device=logits.device)
+    positive = logits[rows, positive_index]
+    negative_mask = torch.isfinite(logits)
+    negative_mask[rows, positive_index] = False
+    negatives = logits[negative_mask]
+    return {
+        "top1_accuracy": (logits.argmax(dim=1) == positive_index).float().mean().item(),
+        "positive_similarity": (positive * temperature).mean().item(),
+        "negative_similarity": (negatives * temperature).mean().item() if negatives.numel() else float("nan"),
+    }

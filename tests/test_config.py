@@ -1,0 +1,103 @@
+"""Each class of bad configuration gives a one-line CodirError naming the key, before any model loads."""
+import json
+
+import pytest
+
+from codir_ds.config import PretrainConfig, load_config
+from codir_ds.errors import CodirError
+from codir_ds.models import plan_models
+from conftest import save_tiny_model, tiny_bert_config
+
+
+def base(tmp_path, teacher, **sections):
+    raw = {"teacher": {"path": str(teacher)}, "data": {"files": ["corpus.txt"]}}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def error_of(call) -> str:
+    with pytest.raises(CodirError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_yaml_file_and_dotted_overrides(tmp_path, tiny_teacher):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"teacher:\n  path: {tiny_teacher}\ndata:\n  files: corpus.txt\ncodir:\n  temperature: 0.1\n")
+    cfg = load_config(PretrainConfig, str(path), {"codir.temperature": 0.05, "train.max_steps": 7, "codir.layer_map": [2, 4]})
+    assert cfg.codir.temperature == 0.05 and cfg.train.max_steps == 7 and cfg.codir.layer_map == [2, 4]
+    assert cfg.data.files == ["corpus.txt"] and cfg.codir.queue_length == 4096  # defaults kept
+
+
+def test_unknown_key_names_the_closest_valid_key(tmp_path, tiny_teacher):
+    message = error_of(lambda: load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"codir.temprature": 0.1}))
+    assert message == "unknown config key 'codir.temprature'; did you mean 'codir.temperature'?"
+    message = error_of(lambda: load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"trian.lr": 0.1}))
+    assert "'trian'" in message and "'train'" in message
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"codir.queue_length": "big"}, "codir.queue_length: expected int, got str 'big'"),
+        ({"codir.pooling": "max"}, "codir.pooling: 'max' is not one of 'mean', 'cls'"),
+        ({"codir.layer_map": [1, "x"]}, "codir.layer_map: expected int, got str 'x'"),
+        ({"data.streaming": 3}, "data.streaming: expected bool, got int 3"),
+        ({"codir": 5}, "codir: expected a section (mapping), got 5"),
+    ],
+)
+def test_wrong_types(tmp_path, tiny_teacher, override, expected):
+    assert error_of(lambda: load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), override)) == expected
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"codir.queue_length": -1}, "codir.queue_length: -1 is below the minimum 0"),
+        ({"codir.temperature": 0}, "codir.temperature: 0.0 must be > 0"),
+        ({"data.mlm_probability": 1.5}, "data.mlm_probability: 1.5 is not in (0, 1)"),
+        ({"train.max_steps": 0}, "train.max_steps: 0 is below the minimum 1"),
+        ({"codir.layer_map": [0, 2]}, "codir.layer_map: 0 is below the minimum 1"),
+        ({"teacher.path": ""}, "teacher.path: must name the teacher model folder"),
+    ],
+)
+def test_impossible_values(tmp_path, tiny_teacher, override, expected):
+    assert error_of(lambda: load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), override)) == expected
+
+
+def test_layer_map_past_teacher_depth_is_rejected_from_the_config_alone(tmp_path, tiny_teacher):
+    cfg = load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"codir.layer_map": [2, 9]})
+    message = error_of(lambda: plan_models(cfg))
+    assert message == "codir.layer_map: teacher layer(s) [9] outside 1..4 (the teacher's depth)"
+    cfg = load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"codir.layer_map": [2, 4], "student.num_layers": 3})
+    assert "has 2 entries but the student has 3 layers" in error_of(lambda: plan_models(cfg))
+
+
+def test_plan_defaults_to_half_depth_uniform_map(tmp_path, tiny_teacher, headless_teacher):
+    plan = plan_models(load_config(PretrainConfig, str(base(tmp_path, tiny_teacher))))
+    assert plan.layer_map == [2, 4] and plan.student_config.num_hidden_layers == 2 and plan.teacher_has_mlm_head
+    plan = plan_models(load_config(PretrainConfig, str(base(tmp_path, headless_teacher)), {"codir.layer_map": [1, 3, 4]}))
+    assert plan.student_config.num_hidden_layers == 3 and not plan.teacher_has_mlm_head
+
+
+def test_missing_paths_and_unparsable_files(tmp_path, tiny_teacher):
+    assert error_of(lambda: load_config(PretrainConfig, str(tmp_path / "nope.yaml"))).startswith("config file not found")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert "does not parse" in error_of(lambda: load_config(PretrainConfig, str(bad)))
+    cfg = load_config(PretrainConfig, str(base(tmp_path, tmp_path / "no_teacher")))
+    assert "teacher.path: no config.json in" in error_of(lambda: plan_models(cfg))
+
+
+def test_student_with_other_vocabulary_is_rejected(tmp_path, tiny_teacher):
+    other = tiny_bert_config(layers=2, vocab=99)
+    other.save_pretrained(tmp_path / "small")
+    cfg = load_config(
+        PretrainConfig, str(base(tmp_path, tiny_teacher)), {"student.init": "config", "student.config_path": str(tmp_path / "small")}
+    )
+    assert "student vocabulary size 99 differs from the teacher's" in error_of(lambda: plan_models(cfg))
