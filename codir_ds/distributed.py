@@ -1,8 +1,27 @@
 """Collective helpers on DeepSpeed's communication API (NCCL on GPUs, gloo/shm on CPU)."""
 from __future__ import annotations
 
-import torch
+import os
+import socket
+
+import deepspeed
 import deepspeed.comm as dist
+import torch
+
+
+def init_distributed() -> None:
+    """Join the process group set up by the `deepspeed` launcher; a plain `python` run becomes a world of one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def world_size() -> int:

@@ -60,3 +60,11 @@ def contrastive_stats(logits: torch.Tensor, positive_index: torch.Tensor, temper
         "positive_similarity": (positive * temperature).mean().item(),
         "negative_similarity": (negatives * temperature).mean().item() if negatives.numel() else float("nan"),
     }
+
+
+def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over rows (Hinton et al.)."""
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
+    return kl * temperature**2

@@ -1,0 +1,110 @@
+"""Atomic, resumable checkpoints: DeepSpeed engine state plus each rank's own state (data, queue, RNG).
+
+A checkpoint is written into `<tag>.partial/` and becomes visible only when rank 0 renames it to
+`<tag>/` and then atomically replaces the `latest` file: a crash mid-save leaves the previous one usable.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from .distributed import barrier, rank
+from .errors import CodirError
+
+LATEST = "latest"
+PARTIAL = ".partial"
+
+
+def save_checkpoint(engine, directory: Path, step: int, rank_state: dict[str, Any], keep: int) -> str:
+    """Save engine + per-rank state as `step_<step>`, atomically; keep the newest `keep` checkpoints."""
+    tag = f"step_{step}"
+    partial = directory / f"{tag}{PARTIAL}"
+    if rank() == 0 and partial.exists():
+        shutil.rmtree(partial)  # debris of an earlier crash
+    barrier()
+    engine.save_checkpoint(str(directory), tag=partial.name, save_latest=False)
+    _atomic_torch_save({**rank_state, "step": step, "rng": rng_state()}, partial / f"rank_{rank()}.pt")
+    barrier()
+    if rank() == 0:
+        final = directory / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _atomic_write_text(directory / LATEST, tag)
+        _prune(directory, keep)
+    barrier()
+    return tag
+
+
+def resolve_resume_tag(directory: Path, resume: str) -> str | None:
+    """The tag to resume from: `latest` (None when the run is new), a tag, or '' for a fresh start."""
+    if not resume:
+        return None
+    if resume == LATEST:
+        latest = directory / LATEST
+        return latest.read_text().strip() if latest.is_file() else None
+    if not (directory / resume).is_dir():
+        available = sorted(p.name for p in directory.glob("step_*") if not p.name.endswith(PARTIAL)) if directory.is_dir() else []
+        raise CodirError(f"checkpoint.resume: no checkpoint {resume!r} in {directory} (available: {available or 'none'})")
+    return resume
+
+
+def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
+    """Restore engine state and return this rank's saved state (RNG restored already)."""
+    folder = directory / tag
+    rank_file = folder / f"rank_{rank()}.pt"
+    if not rank_file.is_file():
+        raise CodirError(f"checkpoint {folder} has no state for rank {rank()} (saved with another world size?)")
+    try:
+        path, _ = engine.load_checkpoint(str(directory), tag=tag)
+        state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    except CodirError:
+        raise
+    except Exception as err:
+        raise CodirError(f"corrupt checkpoint {folder}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    if path is None:
+        raise CodirError(f"corrupt checkpoint {folder}: DeepSpeed found no model state in it")
+    restore_rng_state(state["rng"])
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "accelerator": get_accelerator().get_rng_state(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_accelerator().set_rng_state(state["accelerator"])
+
+
+def _prune(directory: Path, keep: int) -> None:
+    tags = sorted((p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)),
+                  key=lambda p: int(p.name.split("_")[1]))
+    for old in tags[:-keep]:
+        shutil.rmtree(old)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,69 @@
+"""The modules DeepSpeed wraps: the frozen teacher's feature extractor and the student with its CoDIR heads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .mlm import masked_lm_logits, masked_positions, mlm_head
+from .objective import ProjectionHeads, contrastive_logits, info_nce, logit_kd
+from .representations import layer_features
+
+
+class TeacherFeatures(nn.Module):
+    """Frozen teacher: pooled features of its mapped layers and, with an MLM head, logits at masked positions."""
+
+    def __init__(self, teacher: PreTrainedModel, layer_map: list[int], pooling: str, with_logits: bool):
+        super().__init__()
+        self.teacher, self.layer_map, self.pooling, self.with_logits = teacher, list(layer_map), pooling, with_logits
+
+    def forward(self, input_ids, attention_mask, labels):
+        body = self.teacher.base_model if self.with_logits else self.teacher
+        out = body(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        features = layer_features(out.hidden_states, self.layer_map, attention_mask, self.pooling)
+        logits = None
+        if self.with_logits:
+            logits = masked_lm_logits(mlm_head(self.teacher), out.last_hidden_state, masked_positions(labels))
+        return features, logits
+
+
+@dataclass
+class LossWeights:
+    mlm: float
+    kd: float
+    kd_temperature: float
+    codir: float
+    temperature: float  # InfoNCE tau
+
+
+class StudentWithHeads(nn.Module):
+    """The trainable part: the masked-LM student plus the two projection heads (dropped at export)."""
+
+    def __init__(self, student: PreTrainedModel, teacher_feature_dim: int, projection_dim: int, pooling: str, weights: LossWeights):
+        super().__init__()
+        self.student = student
+        layers = student.config.num_hidden_layers
+        self.heads = ProjectionHeads(layers * student.config.hidden_size, teacher_feature_dim, projection_dim)
+        self.pooling, self.weights, self.layers = pooling, weights, list(range(1, layers + 1))
+
+    def forward(self, input_ids, attention_mask, labels, candidates, positive_index, teacher_logits=None):
+        """Loss terms (`total` first) and the contrastive logits, for one micro-batch.
+
+        `candidates` are pre-projection teacher features: the all-gathered global batch then the queue;
+        row `positive_index[i]` is sample i's own teacher feature.
+        """
+        out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        positions = masked_positions(labels)
+        student_logits = masked_lm_logits(mlm_head(self.student), out.last_hidden_state, positions)
+        terms = {"mlm": F.cross_entropy(student_logits.float(), labels[positions])}
+        if teacher_logits is not None and self.weights.kd > 0:
+            terms["kd"] = logit_kd(student_logits, teacher_logits, self.weights.kd_temperature)
+        anchors = self.heads.project_student(layer_features(out.hidden_states, self.layers, attention_mask, self.pooling))
+        logits = contrastive_logits(anchors, self.heads.project_teacher(candidates), positive_index, self.weights.temperature)
+        terms["codir"] = info_nce(logits, positive_index)
+        weight = {"mlm": self.weights.mlm, "kd": self.weights.kd, "codir": self.weights.codir}
+        total = sum(weight[name] * value for name, value in terms.items())
+        return {"total": total, **terms}, logits.detach()

@@ -1,0 +1,76 @@
+"""DeepSpeed configs: read the user's JSON, fill "auto" values from the run config, derive the teacher's."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .errors import CodirError
+
+
+def load_ds_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The student's DeepSpeed config with every "auto" value resolved; raises `CodirError` on a bad file."""
+    path = Path(train.deepspeed_config)
+    if not path.is_file():
+        raise CodirError(f"train.deepspeed_config: no such file {path}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CodirError(f"train.deepspeed_config: {path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CodirError(f"train.deepspeed_config: {path} must hold a JSON object")
+    auto = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
+        "optimizer.params.lr": train.lr,
+        "scheduler.params.warmup_max_lr": train.lr,
+        "scheduler.params.warmup_num_steps": max(1, train.warmup_steps),  # DeepSpeed rejects 0
+        "scheduler.params.total_num_steps": train.max_steps,
+        "gradient_clipping": 1.0,
+    }
+    for key, value in auto.items():
+        _fill(config, key, value)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        config.setdefault(key, auto[key])
+    _reject_leftover_auto(config, str(path), "")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise CodirError(f"train.deepspeed_config: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
+    if config["train_batch_size"] != auto["train_batch_size"] or config["train_micro_batch_size_per_gpu"] != train.micro_batch_size:
+        raise CodirError(
+            f"train.deepspeed_config: batch sizes in {path} disagree with the run config "
+            f"(train.micro_batch_size={train.micro_batch_size}); write them as \"auto\""
+        )
+    return config
+
+
+def teacher_ds_config(student_config: dict[str, Any], partition: bool) -> dict[str, Any]:
+    """Inference-only config for the frozen teacher: ZeRO-3 partitioned (or replicated), student's precision."""
+    config = {key: copy.deepcopy(student_config[key]) for key in ("bf16", "fp16") if key in student_config}
+    config["train_micro_batch_size_per_gpu"] = student_config["train_micro_batch_size_per_gpu"]
+    config["gradient_accumulation_steps"] = student_config["gradient_accumulation_steps"]
+    config["train_batch_size"] = student_config["train_batch_size"]
+    config["zero_optimization"] = {"stage": 3 if partition else 0}
+    return config
+
+
+def _fill(config: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return
+    if node.get(leaf) == "auto":
+        node[leaf] = value
+
+
+def _reject_leftover_auto(node: Any, path: str, prefix: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if value == "auto":
+                raise CodirError(f"train.deepspeed_config: {path} has \"auto\" for {prefix}{key}, which codir-ds cannot fill")
+            _reject_leftover_auto(value, path, f"{prefix}{key}.")

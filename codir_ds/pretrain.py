@@ -1,0 +1,189 @@
+"""Stage 1: CoDIR pre-training distillation on DeepSpeed.
+
+config -> data -> frozen (ZeRO-3) teacher forward -> all-gathered teacher features -> student loss
+(MLM + KD + CoDIR against in-batch and queued negatives) -> engine.backward / engine.step -> enqueue
+-> logs / checkpoints -> export.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+
+from .checkpoint import load_checkpoint, resolve_resume_tag, save_checkpoint
+from .config import PretrainConfig, config_to_dict
+from .data import PackedMLMStream, load_corpus
+from .distiller import LossWeights, StudentWithHeads, TeacherFeatures
+from .distributed import all_gather_rows, barrier, init_distributed, rank, world_size
+from .ds_config import load_ds_config, teacher_ds_config
+from .errors import CodirError
+from .export import export_student, save_student_spec
+from .models import ModelPlan, build_student, load_teacher, load_tokenizer, plan_models
+from .monitor import Monitor
+from .negatives import NegativeQueue
+from .objective import contrastive_stats
+
+
+@dataclass
+class PretrainRun:
+    """What a finished (or stopped) run leaves in memory: engines, queue and per-step losses of this rank."""
+
+    student: deepspeed.DeepSpeedEngine
+    teacher: deepspeed.DeepSpeedEngine
+    queue: NegativeQueue
+    plan: ModelPlan
+    losses: list[dict[str, float]] = field(default_factory=list)
+
+
+def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> PretrainRun:
+    """Train to `cfg.train.max_steps` (or stop, checkpointed, after `stop_after` steps); export at the end."""
+    init_distributed()
+    plan = plan_models(cfg)  # configs and file headers only: bad input fails before any weights load
+    ds_config = load_ds_config(cfg.train, world_size())
+    weights = _loss_weights(cfg, plan)
+    _seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
+    _prepare_corpus(cfg)
+
+    teacher = _teacher_engine(cfg, plan, ds_config, with_logits=weights.kd > 0)
+    student = _student_engine(cfg, plan, ds_config, weights)
+    teacher_dim = len(plan.layer_map) * plan.teacher_config.hidden_size
+    queue = NegativeQueue(cfg.codir.queue_length, teacher_dim, device=student.device)
+    stream = PackedMLMStream(cfg.data, tokenizer, cfg.train.micro_batch_size, rank(), world_size(), cfg.train.seed)
+    run = PretrainRun(student, teacher, queue, plan)
+
+    checkpoints, start = cfg.checkpoint_dir, 0
+    tag = resolve_resume_tag(checkpoints, cfg.checkpoint.resume)
+    if tag:
+        state = load_checkpoint(student, checkpoints, tag)
+        stream.load_state_dict(state["data"])
+        queue.load_state_dict(state["queue"])
+        start = state["step"]
+    elif rank() == 0:
+        save_student_spec(checkpoints, plan.student_config, tokenizer)
+    monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every, cfg.logging.progress_bar)
+    _announce(cfg, run, tag, monitor)
+
+    last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
+    for step in range(start + 1, last + 1):
+        terms = [_micro_step(run, stream, cfg) for _ in range(cfg.train.gradient_accumulation_steps)]
+        run.losses.append({k: float(np.mean([t[k] for t in terms])) for k in terms[0]})
+        samples = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size()
+        monitor.step(step, samples, samples * cfg.data.max_seq_length, _scalars(run, stream, step, cfg))
+        if step == last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            state = {"data": stream.state_dict(), "queue": queue.state_dict()}
+            save_checkpoint(student, checkpoints, step, state, cfg.checkpoint.keep)
+    monitor.close()
+    if cfg.output.export and last == cfg.train.max_steps:
+        if rank() == 0:
+            print(f"codir-ds: exported student to {export_student(checkpoints, cfg.export_dir)}", flush=True)
+        barrier()
+    return run
+
+
+def _micro_step(run: PretrainRun, stream: PackedMLMStream, cfg: PretrainConfig) -> dict[str, float]:
+    batch = {k: v.to(run.student.device) for k, v in stream.next_batch().items()}
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        teacher_features, teacher_logits = run.teacher(*inputs)
+    batch_features, offset = all_gather_rows(teacher_features)
+    queued_features, _ = run.queue.valid()
+    candidates = torch.cat([batch_features.to(queued_features.dtype), queued_features])
+    positive_index = offset + torch.arange(len(teacher_features), device=run.student.device)
+    terms, logits = run.student(*inputs, candidates, positive_index, teacher_logits)
+    run.student.backward(terms["total"])
+    run.student.step()
+    run.queue.enqueue(batch_features)
+    stats = contrastive_stats(logits, positive_index, cfg.codir.temperature)
+    return {**{name: value.item() for name, value in terms.items()}, **stats}
+
+
+def _scalars(run: PretrainRun, stream: PackedMLMStream, step: int, cfg: PretrainConfig) -> dict[str, float]:
+    """This step's scalars for TensorBoard, averaged over ranks on logging steps."""
+    if step % cfg.logging.every:
+        return {}
+    local = run.losses[-1]
+    averaged = _mean_over_ranks(torch.tensor(list(local.values()), dtype=torch.float64, device=run.student.device))
+    names = {"total": "loss/total", "mlm": "loss/mlm", "kd": "loss/kd", "codir": "loss/codir",
+             "top1_accuracy": "codir/top1_accuracy", "positive_similarity": "codir/positive_similarity",
+             "negative_similarity": "codir/negative_similarity"}
+    scalars = {names[k]: float(v) for k, v in zip(local, averaged)}
+    scalars["lr"] = run.student.get_lr()[0]
+    scalars["codir/queue_fill"] = run.queue.fill_fraction
+    scalars.update({f"data/{k}": float(v) for k, v in stream.state.counts.items()})
+    return scalars
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        deepspeed.comm.all_reduce(values)
+        values /= world_size()
+    return values.cpu()
+
+
+def _loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
+    kd = cfg.loss.kd
+    if kd > 0 and not plan.teacher_has_mlm_head:
+        if rank() == 0:
+            print(f"codir-ds: notice: teacher {cfg.teacher.path} has no trained MLM head; "
+                  f"logit KD is off (loss.kd {kd} -> 0). CoDIR on hidden states still applies.", flush=True)
+        kd = 0.0
+    return LossWeights(cfg.loss.mlm, kd, cfg.loss.kd_temperature, cfg.loss.codir, cfg.codir.temperature)
+
+
+def _teacher_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, with_logits: bool):
+    """The frozen teacher; with teacher.zero3 it is loaded already partitioned (ZeRO-3 zero.Init)."""
+    config = teacher_ds_config(ds_config, partition=cfg.teacher.zero3)
+    loading = HfDeepSpeedConfig(config) if cfg.teacher.zero3 else None  # must live while from_pretrained runs
+    teacher = load_teacher(cfg.teacher.path, with_mlm_head=with_logits)
+    del loading
+    gc.collect()
+    module = TeacherFeatures(teacher, plan.layer_map, cfg.codir.pooling, with_logits)
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
+
+
+def _student_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, weights: LossWeights):
+    student = build_student(cfg.student, cfg.teacher.path, plan.teacher_config, plan.layer_map)
+    teacher_dim = len(plan.layer_map) * plan.teacher_config.hidden_size
+    module = StudentWithHeads(student, teacher_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
+    try:
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        raise CodirError(f"train.deepspeed_config {cfg.train.deepspeed_config}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+    return engine
+
+
+def _prepare_corpus(cfg: PretrainConfig) -> None:
+    """Open the corpus on rank 0 first: bad data fails early, and other ranks reuse the prepared cache."""
+    if rank() == 0:
+        load_corpus(cfg.data, epoch=0, seed=cfg.train.seed)
+    barrier()
+
+
+def _announce(cfg: PretrainConfig, run: PretrainRun, resumed_from: str | None, monitor: Monitor) -> None:
+    teacher_total = sum(getattr(p, "ds_numel", p.numel()) for p in run.teacher.module.parameters())
+    teacher_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in run.teacher.module.parameters())
+    student_total = sum(getattr(p, "ds_numel", p.numel()) for p in run.student.module.student.parameters())
+    resolved = json.dumps(config_to_dict(cfg), separators=(",", ":"))
+    monitor.text("config", resolved)
+    if rank() == 0:
+        print(f"codir-ds: config {resolved}", flush=True)
+        print(f"codir-ds: teacher {teacher_total / 1e6:.2f}M params ({teacher_here / 1e6:.2f}M on rank 0), "
+              f"student {student_total / 1e6:.2f}M, layer map {run.plan.layer_map}, world {world_size()}, "
+              f"dtype {run.student.get_data_types()[0]}, "
+              + (f"resumed from {resumed_from}" if resumed_from else "fresh start"), flush=True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
