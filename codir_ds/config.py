@@ -44,7 +44,7 @@ class CodirConfig:
 @dataclass
 class LossConfig:
     mlm: float = 1.0  # weight of the student's masked-LM loss
-    kd: float = 0.0  # alpha: KD on MLM logits; needs a teacher with a trained MLM head
+    kd: float = 0.5  # alpha: KD on MLM logits; set to 0 (with a notice) when the teacher has no MLM head
     kd_temperature: float = 2.0
     codir: float = 1.0  # beta: contrastive loss on intermediate representations
 

@@ -60,7 +60,8 @@ def headless_teacher(tmp_path_factory) -> Path:
 def run_deepspeed(script: Path, args: list[str], ranks: int = 2, timeout: int = 600, env: dict | None = None):
     """Start `script` on `ranks` CPU ranks with the real `deepspeed` launcher; returns the CompletedProcess."""
     launcher = Path(sys.executable).with_name("deepspeed")
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     port = str(29500 + (os.getpid() % 2000))
     command = [str(launcher), "--num_gpus", str(ranks), "--master_port", port, str(script), *args]
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
