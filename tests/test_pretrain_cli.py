@@ -1,0 +1,87 @@
+"""`launch/pretrain.py` as a user runs it (one process): bad input gives one line and exit code 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from stage1 import tensorboard_scalars, write_corpus, write_run_config
+
+
+def pretrain(config, *overrides):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(REPO / "launch/pretrain.py"), f"--config={config}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("codir-ds: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0].removeprefix("codir-ds: error: ")
+
+
+@pytest.fixture
+def config(tmp_path, tiny_teacher):
+    return write_run_config(tmp_path, tiny_teacher, write_corpus(tmp_path / "corpus.txt"), train={"max_steps": 3})
+
+
+def test_unknown_override_key(config):
+    assert one_line_error(pretrain(config, "--codir.queue_lenght=8")) == (
+        "unknown config key 'codir.queue_lenght'; did you mean 'codir.queue_length'?"
+    )
+
+
+def test_missing_corpus(config, tmp_path):
+    message = one_line_error(pretrain(config, f"--data.files={tmp_path / 'nope.txt'}"))
+    assert message == f"data.files: no such file {tmp_path / 'nope.txt'}"
+
+
+def test_corrupt_corpus(config, tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 definitely not parquet")
+    assert one_line_error(pretrain(config, f"--data.files={tmp_path / 'bad.parquet'}")).startswith(
+        f"data: cannot read {tmp_path / 'bad.parquet'}"
+    )
+
+
+@pytest.mark.parametrize(
+    "ds_text, expected",
+    [
+        (None, "train.deepspeed_config: no such file"),
+        ("{oops", "is not valid JSON"),
+        ('{"zero_optimization": {"stage": 5}}', "zero_optimization.stage is 5; use 0, 1, 2 or 3"),
+        ('{"optimizer": {"type": "AdamW", "params": {"lr": "auto", "eps": "auto"}}}', "has \"auto\" for optimizer.params.eps"),
+        ('{"zero_optimization": {"stage": 2, "not_a_zero_key": 1}}', "train.deepspeed_config"),
+    ],
+)
+def test_bad_deepspeed_config(config, tmp_path, ds_text, expected):
+    ds_path = tmp_path / "ds.json"
+    if ds_text is not None:
+        ds_path.write_text(ds_text)
+    assert expected in one_line_error(pretrain(config, f"--train.deepspeed_config={ds_path}"))
+
+
+def test_missing_and_corrupt_checkpoints(config, tmp_path):
+    assert "checkpoint.resume: no checkpoint 'step_99'" in one_line_error(pretrain(config, "--checkpoint.resume=step_99"))
+
+    first = pretrain(config, "--output.export=False")
+    assert first.returncode == 0, first.stderr[-3000:]
+    latest = tmp_path / "out/checkpoints/step_3"
+    assert (tmp_path / "out/checkpoints/latest").read_text() == "step_3"
+    rank_state = latest / "rank_0.pt"
+    rank_state.write_bytes(rank_state.read_bytes()[:100])  # truncated on disk
+    message = one_line_error(pretrain(config, "--train.max_steps=5"))
+    assert message.startswith(f"corrupt checkpoint {latest}")
+
+
+def test_headless_teacher_turns_kd_off_with_a_notice(tmp_path, headless_teacher):
+    config = write_run_config(tmp_path, headless_teacher, write_corpus(tmp_path / "corpus.txt"),
+                              train={"max_steps": 2}, loss={"kd": 0.5})
+    result = pretrain(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "has no trained MLM head; logit KD is off (loss.kd 0.5 -> 0)" in result.stdout
+    scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
+    assert "loss/kd" not in scalars and len(scalars["loss/codir"]) == 2
