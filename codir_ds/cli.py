@@ -28,6 +28,13 @@ def export(checkpoint_dir: str, out_dir: str, tag: str | None = None) -> None:
     print(f"codir-ds: exported student to {export_student(checkpoint_dir, out_dir, tag)}")
 
 
+def demo(out_dir: str = "runs/demo", max_steps: int = 120) -> None:
+    """Prepare the embedded demo (MiniLM-L6 teacher, Wikipedia + news text) and print its config path."""
+    from .demo import prepare_demo
+
+    prepare_demo(out_dir, max_steps)
+
+
 def run_command(command: Callable | dict[str, Callable], argv: list[str] | None = None) -> None:
     """Run a fire command; bad input ends the process with a one-line message and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,4 +46,4 @@ def run_command(command: Callable | dict[str, Callable], argv: list[str] | None 
 
 
 def main() -> None:
-    run_command({"pretrain": pretrain, "export": export})
+    run_command({"pretrain": pretrain, "export": export, "demo": demo})

@@ -128,6 +128,7 @@ class PackedMLMStream:
                 continue
             counts["undecodable"] += int("\ufffd" in text)
             pieces = [text[i : i + _MAX_CHARS_PER_PIECE] for i in range(0, len(text), _MAX_CHARS_PER_PIECE)]
-            tokens = [t for ids in self.tokenizer(pieces, add_special_tokens=False)["input_ids"] for t in ids]
+            encoded = self.tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]  # packing splits them
+            tokens = [t for ids in encoded for t in ids]
             counts["long"] += int(len(tokens) > self.block)  # split over several sequences
             yield tokens

@@ -47,13 +47,13 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     init_distributed()
     plan = plan_models(cfg)  # configs and file headers only: bad input fails before any weights load
     ds_config = load_ds_config(cfg.train, world_size())
-    weights = _loss_weights(cfg, plan)
+    weights = loss_weights(cfg, plan)
     _seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
     _prepare_corpus(cfg)
 
-    teacher = _teacher_engine(cfg, plan, ds_config, with_logits=weights.kd > 0)
-    student = _student_engine(cfg, plan, ds_config, weights)
+    teacher = build_teacher_engine(cfg, plan, ds_config, with_logits=weights.kd > 0)
+    student = build_student_engine(cfg, plan, ds_config, weights)
     teacher_dim = len(plan.layer_map) * plan.teacher_config.hidden_size
     queue = NegativeQueue(cfg.codir.queue_length, teacher_dim, device=student.device)
     stream = PackedMLMStream(cfg.data, tokenizer, cfg.train.micro_batch_size, rank(), world_size(), cfg.train.seed)
@@ -73,7 +73,7 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
 
     last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
     for step in range(start + 1, last + 1):
-        terms = [_micro_step(run, stream, cfg) for _ in range(cfg.train.gradient_accumulation_steps)]
+        terms = [micro_step(run, stream, cfg) for _ in range(cfg.train.gradient_accumulation_steps)]
         run.losses.append({k: float(np.mean([t[k] for t in terms])) for k in terms[0]})
         samples = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size()
         monitor.step(step, samples, samples * cfg.data.max_seq_length, _scalars(run, stream, step, cfg))
@@ -88,7 +88,7 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     return run
 
 
-def _micro_step(run: PretrainRun, stream: PackedMLMStream, cfg: PretrainConfig) -> dict[str, float]:
+def micro_step(run: PretrainRun, stream: PackedMLMStream, cfg: PretrainConfig) -> dict[str, float]:
     batch = {k: v.to(run.student.device) for k, v in stream.next_batch().items()}
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
     with torch.no_grad():
@@ -128,7 +128,7 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values.cpu()
 
 
-def _loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
+def loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
     kd = cfg.loss.kd
     if kd > 0 and not plan.teacher_has_mlm_head:
         if rank() == 0:
@@ -138,7 +138,7 @@ def _loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
     return LossWeights(cfg.loss.mlm, kd, cfg.loss.kd_temperature, cfg.loss.codir, cfg.codir.temperature)
 
 
-def _teacher_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, with_logits: bool):
+def build_teacher_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, with_logits: bool):
     """The frozen teacher; with teacher.zero3 it is loaded already partitioned (ZeRO-3 zero.Init)."""
     config = teacher_ds_config(ds_config, partition=cfg.teacher.zero3)
     loading = HfDeepSpeedConfig(config) if cfg.teacher.zero3 else None  # must live while from_pretrained runs
@@ -151,7 +151,7 @@ def _teacher_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, with_
     return engine
 
 
-def _student_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, weights: LossWeights):
+def build_student_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, weights: LossWeights):
     student = build_student(cfg.student, cfg.teacher.path, plan.teacher_config, plan.layer_map)
     teacher_dim = len(plan.layer_map) * plan.teacher_config.hidden_size
     module = StudentWithHeads(student, teacher_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)

@@ -1,0 +1,148 @@
+"""Step time of a codir-ds CoDIR step vs plain PyTorch baselines, variants interleaved in one run.
+
+    DS_ACCELERATOR=cpu python bench/step_overhead.py [--shapes=tiny,paper] [--repeats=5]
+
+(a) student alone: masked-LM forward/backward (logits at every position) + AdamW step, plain PyTorch.
+(b) plain floor: (a) plus a teacher forward under no_grad.
+(c) codir-ds: the trainer's own micro-step through DeepSpeed engines (ZeRO-2 student, teacher ZeRO-3 or
+    replicated) with MLM + CoDIR against K queued negatives (KD off: no teacher LM head).
+The CoDIR part (pooling, heads, InfoNCE over the batch + K negatives, forward and backward) is timed
+alone on the same shapes and reported as a share of (c). Prints a Markdown table; medians of `repeats`.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertModel
+
+from codir_ds.config import PretrainConfig, load_config
+from codir_ds.distributed import init_distributed
+from codir_ds.ds_config import load_ds_config
+from codir_ds.models import plan_models
+from codir_ds.negatives import NegativeQueue
+from codir_ds.objective import ProjectionHeads, contrastive_logits, info_nce
+from codir_ds.pretrain import PretrainRun, build_student_engine, build_teacher_engine, loss_weights, micro_step
+from codir_ds.representations import layer_features
+
+SHAPES = {
+    "tiny": dict(layers=4, hidden=64, heads=4, vocab=1000, seq=32, batch=8),
+    "paper": dict(layers=12, hidden=768, heads=12, vocab=30522, seq=128, batch=8),
+}
+
+
+class FixedBatch:
+    """Stands in for the data stream: the same masked batch every step."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next_batch(self):
+        return self.batch
+
+
+def synthetic_batch(shape: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, shape["vocab"], (shape["batch"], shape["seq"]), generator=generator)
+    masked = torch.rand(ids.shape, generator=generator) < 0.15
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.masked_fill(~masked, -100)}
+
+
+def timed(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, callable]:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                        num_attention_heads=shape["heads"], intermediate_size=4 * shape["hidden"], max_position_embeddings=512)
+    BertForMaskedLM(config).save_pretrained(folder)
+    batch = synthetic_batch(shape, torch.Generator().manual_seed(1))
+
+    teacher = BertModel.from_pretrained(folder).eval()
+    student = BertForMaskedLM.from_pretrained(folder, num_hidden_layers=shape["layers"] // 2)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+
+    def student_alone():
+        student(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def plain_floor():
+        with torch.no_grad():
+            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        student_alone()
+
+    variants = {"(a) student alone, MLM": student_alone, "(b) plain floor: teacher fwd + student": plain_floor}
+    for label, zero3 in (("(c) codir-ds, ZeRO-3 teacher", True), ("(c) codir-ds, replicated teacher", False)):
+        cfg = load_config(PretrainConfig, None, {
+            "teacher.path": str(folder), "teacher.zero3": zero3, "data.files": ["unused"], "loss.kd": 0.0,
+            "codir.queue_length": queue_length, "train.micro_batch_size": shape["batch"], "train.max_steps": 10**6,
+            "data.max_seq_length": shape["seq"],
+        })
+        plan = plan_models(cfg)
+        ds_config = load_ds_config(cfg.train, world_size=1)
+        teacher_engine = build_teacher_engine(cfg, plan, ds_config, with_logits=False)
+        student_engine = build_student_engine(cfg, plan, ds_config, loss_weights(cfg, plan))
+        dim = len(plan.layer_map) * shape["hidden"]
+        queue = NegativeQueue(queue_length, dim, device=student_engine.device)
+        queue.enqueue(torch.randn(queue_length, dim))
+        run = PretrainRun(student_engine, teacher_engine, queue, plan)
+        variants[label] = lambda run=run, cfg=cfg: micro_step(run, FixedBatch(batch), cfg)
+    variants["CoDIR part alone (pool, heads, InfoNCE, K queued)"] = codir_part(shape, queue_length)
+    return variants
+
+
+def codir_part(shape: dict, queue_length: int):
+    """Forward + backward of pooling, both heads and InfoNCE, given hidden states as the trainer has them."""
+    student_layers, batch, seq, hidden = shape["layers"] // 2, shape["batch"], shape["seq"], shape["hidden"]
+    heads = ProjectionHeads(student_layers * hidden, student_layers * hidden, 128)
+    states = [torch.randn(batch, seq, hidden, requires_grad=True) for _ in range(student_layers + 1)]
+    teacher_states = [torch.randn(batch, seq, hidden) for _ in range(shape["layers"] + 1)]
+    mask = torch.ones(batch, seq)
+    queued = torch.randn(queue_length, student_layers * hidden)
+    teacher_layers = list(range(2, shape["layers"] + 1, 2))
+    positives = torch.arange(batch)
+
+    def step():
+        teacher_features = layer_features(teacher_states, teacher_layers, mask)
+        anchors = heads.project_student(layer_features(states, range(1, student_layers + 1), mask))
+        candidates = heads.project_teacher(torch.cat([teacher_features, queued]))
+        info_nce(contrastive_logits(anchors, candidates, positives, 0.07), positives).backward()
+        heads.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(shapes: str = "tiny,paper", repeats: int = 5, queue_length: int = 4096) -> None:
+    init_distributed()
+    rows = []
+    for name in shapes.split(",") if isinstance(shapes, str) else shapes:
+        with tempfile.TemporaryDirectory() as folder:
+            variants = build_variants(SHAPES[name], Path(folder), queue_length)
+            times = {label: [] for label in variants}
+            for round_ in range(repeats + 1):  # round 0 warms up
+                labels = list(variants)
+                for label in labels[round_ % len(labels):] + labels[: round_ % len(labels)]:  # rotate the order
+                    elapsed = timed(variants[label])
+                    if round_:
+                        times[label].append(elapsed)
+        medians = {label: statistics.median(values) for label, values in times.items()}
+        floor = medians["(b) plain floor: teacher fwd + student"]
+        codir = medians["CoDIR part alone (pool, heads, InfoNCE, K queued)"]
+        for label, median in medians.items():
+            share = f"{100 * codir / median:.1f}%" if label.startswith("(c)") else ""
+            rows.append(f"| {name} | {label} | {median * 1000:.1f} | {median / floor:.2f} | {share} |")
+    print(f"\nmedian of {repeats} interleaved steps, K = {queue_length}, {torch.get_num_threads()} threads\n")
+    print("| shape | variant | step ms | x plain floor (b) | CoDIR part share |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
