@@ -4,8 +4,8 @@
 
 (a) student alone: masked-LM forward/backward (logits at every position) + AdamW step, plain PyTorch.
 (b) plain floor: (a) plus a teacher forward under no_grad.
-(c) codir-ds: the trainer's own micro-step through DeepSpeed engines (ZeRO-2 student, teacher ZeRO-3 or
-    replicated) with MLM + CoDIR against K queued negatives (KD off: no teacher LM head).
+(c) codir-ds: the trainer's own micro-step through DeepSpeed engines (student ZeRO-2 or ZeRO-0, teacher
+    ZeRO-3 or replicated) with MLM + CoDIR against K queued negatives (KD off: no teacher LM head).
 The CoDIR part (pooling, heads, InfoNCE over the batch + K negatives, forward and backward) is timed
 alone on the same shapes and reported as a share of (c). Prints a Markdown table; medians of `repeats`.
 """
@@ -33,6 +33,13 @@ SHAPES = {
     "tiny": dict(layers=4, hidden=64, heads=4, vocab=1000, seq=32, batch=8),
     "paper": dict(layers=12, hidden=768, heads=12, vocab=30522, seq=128, batch=8),
 }
+
+
+CODIR_VARIANTS = [  # (label, teacher partitioned with ZeRO-3, student DeepSpeed config)
+    ("(c) codir-ds, ZeRO-3 teacher, ZeRO-2 student", True, "ds_configs/cpu_small.json"),
+    ("(c) codir-ds, replicated teacher, ZeRO-2 student", False, "ds_configs/cpu_small.json"),
+    ("(c) codir-ds, replicated teacher, ZeRO-0 student", False, "ds_configs/cpu_zero0.json"),
+]
 
 
 class FixedBatch:
@@ -79,11 +86,11 @@ def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, ca
         student_alone()
 
     variants = {"(a) student alone, MLM": student_alone, "(b) plain floor: teacher fwd + student": plain_floor}
-    for label, zero3 in (("(c) codir-ds, ZeRO-3 teacher", True), ("(c) codir-ds, replicated teacher", False)):
+    for label, zero3, ds_config_path in CODIR_VARIANTS:
         cfg = load_config(PretrainConfig, None, {
             "teacher.path": str(folder), "teacher.zero3": zero3, "data.files": ["unused"], "loss.kd": 0.0,
             "codir.queue_length": queue_length, "train.micro_batch_size": shape["batch"], "train.max_steps": 10**6,
-            "data.max_seq_length": shape["seq"],
+            "data.max_seq_length": shape["seq"], "train.deepspeed_config": ds_config_path,
         })
         plan = plan_models(cfg)
         ds_config = load_ds_config(cfg.train, world_size=1)

@@ -26,8 +26,9 @@ def save_checkpoint(engine, directory: Path, step: int, rank_state: dict[str, An
     """Save engine + per-rank state as `step_<step>`, atomically; keep the newest `keep` checkpoints."""
     tag = f"step_{step}"
     partial = directory / f"{tag}{PARTIAL}"
-    if rank() == 0 and partial.exists():
-        shutil.rmtree(partial)  # debris of an earlier crash
+    if rank() == 0:
+        for debris in directory.glob(f"*{PARTIAL}"):  # left by a crash during an earlier save
+            shutil.rmtree(debris)
     barrier()
     engine.save_checkpoint(str(directory), tag=partial.name, save_latest=False)
     _atomic_torch_save({**rank_state, "step": step, "rng": rng_state()}, partial / f"rank_{rank()}.pt")

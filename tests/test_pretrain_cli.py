@@ -64,17 +64,26 @@ def test_bad_deepspeed_config(config, tmp_path, ds_text, expected):
     assert expected in one_line_error(pretrain(config, f"--train.deepspeed_config={ds_path}"))
 
 
-def test_missing_and_corrupt_checkpoints(config, tmp_path):
+def test_missing_crashed_and_corrupt_checkpoints(config, tmp_path):
     assert "checkpoint.resume: no checkpoint 'step_99'" in one_line_error(pretrain(config, "--checkpoint.resume=step_99"))
 
     first = pretrain(config, "--output.export=False")
     assert first.returncode == 0, first.stderr[-3000:]
-    latest = tmp_path / "out/checkpoints/step_3"
-    assert (tmp_path / "out/checkpoints/latest").read_text() == "step_3"
-    rank_state = latest / "rank_0.pt"
+    checkpoints = tmp_path / "out/checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_3"
+
+    debris = checkpoints / "step_5.partial"  # what a crash in the middle of a save leaves behind
+    debris.mkdir()
+    (debris / "rank_0.pt").write_bytes(b"half a file")
+    second = pretrain(config, "--train.max_steps=4", "--output.export=False")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step_3" in second.stdout
+    assert (checkpoints / "latest").read_text() == "step_4"
+
+    rank_state = checkpoints / "step_4/rank_0.pt"
     rank_state.write_bytes(rank_state.read_bytes()[:100])  # truncated on disk
     message = one_line_error(pretrain(config, "--train.max_steps=5"))
-    assert message.startswith(f"corrupt checkpoint {latest}")
+    assert message.startswith(f"corrupt checkpoint {checkpoints / 'step_4'}")
 
 
 def test_headless_teacher_turns_kd_off_with_a_notice(tmp_path, headless_teacher):
