@@ -49,9 +49,10 @@ def test_ranks_read_disjoint_shards(tiny_teacher, tmp_path):
     assert sorted(epoch1) == sorted(seen[0] + seen[1]) and epoch1 != seen[0] + seen[1]  # reshuffled per epoch
 
 
-def test_resumed_stream_continues_where_it_stopped(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resumed_stream_continues_where_it_stopped(tiny_teacher, tmp_path, streaming):
     corpus = write_corpus(tmp_path / "c.txt", documents=8)  # ~20 sequences: 12 batches cross epochs
-    original = stream(tiny_teacher, [corpus])
+    original = stream(tiny_teacher, [corpus], streaming=streaming)
     for _ in range(5):
         original.next_batch()
     saved = json.loads(json.dumps(original.state_dict()))  # survives serialisation
@@ -59,7 +60,7 @@ def test_resumed_stream_continues_where_it_stopped(tiny_teacher, tmp_path):
     expected = [original.next_batch()["input_ids"] for _ in range(7)]
     assert original.state.epoch >= 1
 
-    resumed = stream(tiny_teacher, [corpus])
+    resumed = stream(tiny_teacher, [corpus], streaming=streaming)
     resumed.load_state_dict(saved)
     torch.manual_seed(7)
     for want in expected:
