@@ -96,9 +96,8 @@ def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, ca
         ds_config = load_ds_config(cfg.train, world_size=1)
         teacher_engine = build_teacher_engine(cfg, plan, ds_config, with_logits=False)
         student_engine = build_student_engine(cfg, plan, ds_config, loss_weights(cfg, plan))
-        dim = len(plan.layer_map) * shape["hidden"]
-        queue = NegativeQueue(queue_length, dim, device=student_engine.device)
-        queue.enqueue(torch.randn(queue_length, dim))
+        queue = NegativeQueue(queue_length, plan.teacher_feature_dim, device=student_engine.device)
+        queue.enqueue(torch.randn(queue_length, plan.teacher_feature_dim))
         run = PretrainRun(student_engine, teacher_engine, queue, plan)
         variants[label] = lambda run=run, cfg=cfg: micro_step(run, FixedBatch(batch), cfg)
     variants["CoDIR part alone (pool, heads, InfoNCE, K queued)"] = codir_part(shape, queue_length)

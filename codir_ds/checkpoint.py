@@ -16,7 +16,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from .distributed import barrier, rank
-from .errors import CodirError
+from .errors import CodirError, error_line
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -52,7 +52,7 @@ def resolve_resume_tag(directory: Path, resume: str) -> str | None:
         latest = directory / LATEST
         return latest.read_text().strip() if latest.is_file() else None
     if not (directory / resume).is_dir():
-        available = sorted(p.name for p in directory.glob("step_*") if not p.name.endswith(PARTIAL)) if directory.is_dir() else []
+        available = [p.name for p in _complete_checkpoints(directory)]
         raise CodirError(f"checkpoint.resume: no checkpoint {resume!r} in {directory} (available: {available or 'none'})")
     return resume
 
@@ -69,7 +69,7 @@ def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
     except CodirError:
         raise
     except Exception as err:
-        raise CodirError(f"corrupt checkpoint {folder}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+        raise CodirError(f"corrupt checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}") from None
     if path is None:
         raise CodirError(f"corrupt checkpoint {folder}: DeepSpeed found no model state in it")
     restore_rng_state(state["rng"])
@@ -92,10 +92,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     get_accelerator().set_rng_state(state["accelerator"])
 
 
+def _complete_checkpoints(directory: Path) -> list[Path]:
+    """Finished `step_N` folders, oldest first."""
+    folders = (p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
+    return sorted(folders, key=lambda p: int(p.name.split("_")[1]))
+
+
 def _prune(directory: Path, keep: int) -> None:
-    tags = sorted((p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)),
-                  key=lambda p: int(p.name.split("_")[1]))
-    for old in tags[:-keep]:
+    for old in _complete_checkpoints(directory)[:-keep]:
         shutil.rmtree(old)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import CodirError
+from .errors import CodirError, error_line
 
 
 @dataclass
@@ -192,7 +192,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise CodirError(f"config file {path} does not parse: {str(err).splitlines()[0]}") from None
+        raise CodirError(f"config file {path} does not parse: {error_line(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -16,7 +16,7 @@ from datasets.distributed import split_dataset_by_node
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from .config import DataConfig
-from .errors import CodirError
+from .errors import CodirError, error_line
 
 _BUILDERS = {".txt": "text", ".text": "text", ".cor": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _MAX_CHARS_PER_PIECE = 100_000  # very long documents are tokenised piecewise
@@ -36,7 +36,7 @@ def load_corpus(cfg: DataConfig, epoch: int, seed: int) -> datasets.IterableData
         raise
     except Exception as err:  # datasets/pyarrow raise many types for unreadable files
         source = cfg.dataset or ", ".join(cfg.files)
-        raise CodirError(f"data: cannot read {source}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+        raise CodirError(f"data: cannot read {source}: {type(err).__name__}: {error_line(err, limit=200)}") from None
     if cfg.streaming:
         return corpus.shuffle(seed=seed + epoch, buffer_size=_SHUFFLE_BUFFER)
     if cfg.text_column not in corpus.column_names:

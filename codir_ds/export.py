@@ -9,7 +9,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from .checkpoint import LATEST
-from .errors import CodirError
+from .errors import CodirError, error_line
 
 STUDENT_SPEC = "student_spec"  # folder beside the checkpoints: the student's config.json and tokenizer
 STUDENT_PREFIX = "student."  # parameters under StudentWithHeads.student; heads are dropped
@@ -35,7 +35,7 @@ def export_student(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | N
     try:
         model.load_state_dict(student_state, strict=True)
     except RuntimeError as err:
-        raise CodirError(f"export: checkpoint {checkpoint_dir / tag} does not match its student config: {str(err).splitlines()[1][:200]}") from None
+        raise CodirError(f"export: checkpoint {checkpoint_dir / tag} does not match its student config: {error_line(err, index=1, limit=200)}") from None
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(spec).save_pretrained(out_dir)
     return out_dir
@@ -58,4 +58,4 @@ def _consolidated_state(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tenso
         model_file = folder / "mp_rank_00_model_states.pt"
         return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
     except Exception as err:
-        raise CodirError(f"export: corrupt checkpoint {folder}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+        raise CodirError(f"export: corrupt checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}") from None

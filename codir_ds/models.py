@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .config import PretrainConfig, StudentConfig
-from .errors import CodirError
+from .errors import CodirError, error_line
 from .layer_map import resolve_layer_map
 
 _LAYER_KEY = re.compile(r"^(.*encoder\.layer\.)(\d+)(\..*)$")
@@ -29,6 +29,11 @@ class ModelPlan:
     student_config: PretrainedConfig
     layer_map: list[int]  # teacher layer (1-based) for each student layer
     teacher_has_mlm_head: bool
+
+    @property
+    def teacher_feature_dim(self) -> int:
+        """Width of a pooled teacher feature: one hidden vector per mapped layer, concatenated."""
+        return len(self.layer_map) * self.teacher_config.hidden_size
 
 
 def plan_models(cfg: PretrainConfig) -> ModelPlan:
@@ -52,14 +57,14 @@ def read_model_config(source: str, role: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise CodirError(f"{role}: cannot read the model config at {source!r}: {str(err).splitlines()[0]}") from None
+        raise CodirError(f"{role}: cannot read the model config at {source!r}: {error_line(err)}") from None
 
 
 def load_tokenizer(source: str, role: str):
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
-        raise CodirError(f"{role}: cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from None
+        raise CodirError(f"{role}: cannot load a tokenizer from {source!r}: {error_line(err)}") from None
 
 
 def checkpoint_tensor_names(source: str) -> list[str]:
@@ -79,7 +84,7 @@ def load_teacher(source: str, with_mlm_head: bool) -> PreTrainedModel:
     try:
         teacher = auto.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise CodirError(f"teacher.path: cannot load {source!r}: {str(err).splitlines()[0]}") from None
+        raise CodirError(f"teacher.path: cannot load {source!r}: {error_line(err)}") from None
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -128,7 +133,7 @@ def build_student(cfg: StudentConfig, teacher_source: str, teacher_config: Pretr
         try:
             return AutoModelForMaskedLM.from_pretrained(cfg.checkpoint)
         except (OSError, ValueError) as err:
-            raise CodirError(f"student.checkpoint: cannot load {cfg.checkpoint!r}: {str(err).splitlines()[0]}") from None
+            raise CodirError(f"student.checkpoint: cannot load {cfg.checkpoint!r}: {error_line(err)}") from None
     student = AutoModelForMaskedLM.from_config(student_config)
     if cfg.init == "teacher_layers":
         copy_teacher_layers(student, teacher_source, layer_map)

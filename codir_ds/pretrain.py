@@ -23,7 +23,7 @@ from .data import PackedMLMStream, load_corpus
 from .distiller import LossWeights, StudentWithHeads, TeacherFeatures
 from .distributed import all_gather_rows, barrier, init_distributed, rank, world_size
 from .ds_config import load_ds_config, teacher_ds_config
-from .errors import CodirError
+from .errors import CodirError, error_line
 from .export import export_student, save_student_spec
 from .models import ModelPlan, build_student, load_teacher, load_tokenizer, plan_models
 from .monitor import Monitor
@@ -54,8 +54,7 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
 
     teacher = build_teacher_engine(cfg, plan, ds_config, with_logits=weights.kd > 0)
     student = build_student_engine(cfg, plan, ds_config, weights)
-    teacher_dim = len(plan.layer_map) * plan.teacher_config.hidden_size
-    queue = NegativeQueue(cfg.codir.queue_length, teacher_dim, device=student.device)
+    queue = NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=student.device)
     stream = PackedMLMStream(cfg.data, tokenizer, cfg.train.micro_batch_size, rank(), world_size(), cfg.train.seed)
     run = PretrainRun(student, teacher, queue, plan)
 
@@ -153,12 +152,11 @@ def build_teacher_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, 
 
 def build_student_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, weights: LossWeights):
     student = build_student(cfg.student, cfg.teacher.path, plan.teacher_config, plan.layer_map)
-    teacher_dim = len(plan.layer_map) * plan.teacher_config.hidden_size
-    module = StudentWithHeads(student, teacher_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
+    module = StudentWithHeads(student, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
     try:
         engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
     except (ValueError, KeyError, TypeError, AssertionError) as err:
-        raise CodirError(f"train.deepspeed_config {cfg.train.deepspeed_config}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+        raise CodirError(f"train.deepspeed_config {cfg.train.deepspeed_config}: {type(err).__name__}: {error_line(err, limit=300)}") from None
     return engine
 
 

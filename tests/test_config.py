@@ -101,3 +101,13 @@ def test_student_with_other_vocabulary_is_rejected(tmp_path, tiny_teacher):
         PretrainConfig, str(base(tmp_path, tiny_teacher)), {"student.init": "config", "student.config_path": str(tmp_path / "small")}
     )
     assert "student vocabulary size 99 differs from the teacher's" in error_of(lambda: plan_models(cfg))
+
+
+def test_error_line_reports_empty_and_multiline_messages():
+    from codir_ds.errors import error_line
+
+    assert error_line(KeyError()) == "KeyError"  # str() is empty: no IndexError
+    assert error_line(ValueError("\n  first  \nsecond")) == "first"
+    assert error_line(RuntimeError("head:\n\tMissing key(s): x"), index=1) == "Missing key(s): x"
+    assert error_line(RuntimeError("only"), index=1) == "only"
+    assert error_line(OSError("x" * 500), limit=200) == "x" * 200
