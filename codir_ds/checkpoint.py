@@ -22,9 +22,13 @@ LATEST = "latest"
 PARTIAL = ".partial"
 
 
-def save_checkpoint(engine, directory: Path, step: int, rank_state: dict[str, Any], keep: int) -> str:
-    """Save engine + per-rank state as `step_<step>`, atomically; keep the newest `keep` checkpoints."""
-    tag = f"step_{step}"
+def save_checkpoint(engine, directory: Path, step: int, rank_state: dict[str, Any], keep: int, tag: str | None = None) -> str:
+    """Save engine + per-rank state as `step_<step>`, atomically; keep the newest `keep` checkpoints.
+
+    A named `tag` (e.g. `best`) replaces its earlier version and leaves `latest` and pruning alone.
+    """
+    periodic = tag is None
+    tag = tag or f"step_{step}"
     partial = directory / f"{tag}{PARTIAL}"
     if rank() == 0:
         for debris in directory.glob(f"*{PARTIAL}"):  # left by a crash during an earlier save
@@ -38,8 +42,9 @@ def save_checkpoint(engine, directory: Path, step: int, rank_state: dict[str, An
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        _atomic_write_text(directory / LATEST, tag)
-        _prune(directory, keep)
+        if periodic:
+            _atomic_write_text(directory / LATEST, tag)
+            _prune(directory, keep)
     barrier()
     return tag
 
@@ -74,6 +79,12 @@ def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
         raise CodirError(f"corrupt checkpoint {folder}: DeepSpeed found no model state in it")
     restore_rng_state(state["rng"])
     return state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Command line: `deepspeed launch/pretrain.py --config run.yaml --codir.temperature=0.05 ...` and
-`python -m codir_ds export CHECKPOINT_DIR OUT_DIR`."""
+"""Command line: `deepspeed launch/pretrain.py --config run.yaml --codir.temperature=0.05 ...`,
+`deepspeed launch/finetune.py [teacher] --config task.yaml ...` and `python -m codir_ds export CHECKPOINT_DIR OUT_DIR`."""
 from __future__ import annotations
 
 import os
@@ -21,6 +21,24 @@ def pretrain(config: str | None = None, local_rank: int | None = None, **overrid
     shutdown()
 
 
+def finetune(command: str = "distill", config: str | None = None, local_rank: int | None = None, **overrides: Any) -> None:
+    """Stage 2. `distill` (default): distil the finetuned teacher into the student on the task;
+    `teacher`: finetune `teacher.path` on the task first (exported to <output.dir>/teacher)."""
+    from .config import load_config
+    from .distributed import shutdown
+    from .finetune import run_finetuning, teacher_training_config
+    from .finetune_config import FinetuneConfig
+
+    if command not in ("distill", "teacher"):
+        raise CodirError(f"unknown finetune command {command!r}; use 'distill' (the default) or 'teacher'")
+    cfg = load_config(FinetuneConfig, config, overrides)
+    if command == "teacher":
+        run_finetuning(teacher_training_config(cfg), export_name="teacher")
+    else:
+        run_finetuning(cfg)
+    shutdown()
+
+
 def export(checkpoint_dir: str, out_dir: str, tag: str | None = None) -> None:
     """Write the student of a codir-ds checkpoint folder (latest tag by default) as a Hugging Face folder."""
     from .export import export_student
@@ -35,6 +53,20 @@ def demo(out_dir: str = "runs/demo", max_steps: int = 120) -> None:
     prepare_demo(out_dir, max_steps)
 
 
+def demo_finetune(out_dir: str = "runs/demo_rt", student: str = "runs/demo/student") -> None:
+    """Prepare the stage-2 demo (Rotten Tomatoes reviews; MiniLM-L6 teacher; the stage-1 demo's student)."""
+    from .demo import prepare_finetune_demo
+
+    prepare_finetune_demo(out_dir, student)
+
+
+def report(teacher: str, student: str, batch_size: int = 32, seq_length: int = 64) -> None:
+    """Compare two stage-2 exports: dev score, parameters and inference speed."""
+    from .report import compare_teacher_student
+
+    compare_teacher_student(teacher, student, batch_size, seq_length)
+
+
 def run_command(command: Callable | dict[str, Callable], argv: list[str] | None = None) -> None:
     """Run a fire command; bad input ends the process with a one-line message and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,4 +78,5 @@ def run_command(command: Callable | dict[str, Callable], argv: list[str] | None 
 
 
 def main() -> None:
-    run_command({"pretrain": pretrain, "export": export, "demo": demo})
+    run_command({"pretrain": pretrain, "finetune": finetune, "export": export, "demo": demo,
+                 "demo_finetune": demo_finetune, "report": report})

@@ -93,51 +93,8 @@ class OutputConfig:
     export: bool = True  # export the student as a Hugging Face folder at the end of the run
 
 
-@dataclass
-class PretrainConfig:
-    """Stage 1: CoDIR pre-training distillation."""
-
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    codir: CodirConfig = field(default_factory=CodirConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-
-    def validate(self) -> None:
-        """Reject impossible values that need no model to detect."""
-        _require(self.teacher.path, "teacher.path", "must name the teacher model folder")
-        _at_least(self.student.num_layers, 0, "student.num_layers")
-        if self.student.init == "config":
-            _require(self.student.config_path, "student.config_path", "is needed with student.init=config")
-        if self.student.init == "checkpoint":
-            _require(self.student.checkpoint, "student.checkpoint", "is needed with student.init=checkpoint")
-        if self.codir.layer_map is not None:
-            if not self.codir.layer_map:
-                raise CodirError("codir.layer_map: must list at least one teacher layer (or be null)")
-            for layer in self.codir.layer_map:
-                _at_least(layer, 1, "codir.layer_map")
-        _at_least(self.codir.projection_dim, 1, "codir.projection_dim")
-        _positive(self.codir.temperature, "codir.temperature")
-        _at_least(self.codir.queue_length, 0, "codir.queue_length")
-        for name in ("mlm", "kd", "codir"):
-            _at_least(getattr(self.loss, name), 0, f"loss.{name}")
-        _positive(self.loss.kd_temperature, "loss.kd_temperature")
-        if not self.data.files and not self.data.dataset:
-            raise CodirError("data.files: give local corpus files (or data.dataset, a hub name)")
-        _at_least(self.data.max_seq_length, 8, "data.max_seq_length")
-        if not 0 < self.data.mlm_probability < 1:
-            raise CodirError(f"data.mlm_probability: {self.data.mlm_probability} is not in (0, 1)")
-        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps"):
-            _at_least(getattr(self.train, name), 1, f"train.{name}")
-        _positive(self.train.lr, "train.lr")
-        _at_least(self.train.warmup_steps, 0, "train.warmup_steps")
-        _at_least(self.logging.every, 1, "logging.every")
-        _at_least(self.checkpoint.every, 0, "checkpoint.every")
-        _at_least(self.checkpoint.keep, 1, "checkpoint.keep")
+class RunPaths:
+    """Where a run writes, derived from its `logging`, `checkpoint` and `output` sections."""
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -152,17 +109,77 @@ class PretrainConfig:
         return Path(self.output.dir) / "student"
 
 
-def _require(value: str, key: str, why: str) -> None:
+@dataclass
+class PretrainConfig(RunPaths):
+    """Stage 1: CoDIR pre-training distillation."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    codir: CodirConfig = field(default_factory=CodirConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        """Reject impossible values that need no model to detect."""
+        validate_models(self.teacher, self.student)
+        validate_codir(self.codir)
+        for name in ("mlm", "kd", "codir"):
+            at_least(getattr(self.loss, name), 0, f"loss.{name}")
+        positive(self.loss.kd_temperature, "loss.kd_temperature")
+        if not self.data.files and not self.data.dataset:
+            raise CodirError("data.files: give local corpus files (or data.dataset, a hub name)")
+        at_least(self.data.max_seq_length, 8, "data.max_seq_length")
+        if not 0 < self.data.mlm_probability < 1:
+            raise CodirError(f"data.mlm_probability: {self.data.mlm_probability} is not in (0, 1)")
+        at_least(self.train.max_steps, 1, "train.max_steps")
+        validate_run(self.train, self.logging, self.checkpoint)
+
+
+def validate_models(teacher: TeacherConfig, student: StudentConfig) -> None:
+    require(teacher.path, "teacher.path", "must name the teacher model folder")
+    at_least(student.num_layers, 0, "student.num_layers")
+    if student.init == "config":
+        require(student.config_path, "student.config_path", "is needed with student.init=config")
+    if student.init == "checkpoint":
+        require(student.checkpoint, "student.checkpoint", "is needed with student.init=checkpoint")
+
+
+def validate_codir(codir: CodirConfig) -> None:
+    if codir.layer_map is not None:
+        if not codir.layer_map:
+            raise CodirError("codir.layer_map: must list at least one teacher layer (or be null)")
+        for layer in codir.layer_map:
+            at_least(layer, 1, "codir.layer_map")
+    at_least(codir.projection_dim, 1, "codir.projection_dim")
+    positive(codir.temperature, "codir.temperature")
+    at_least(codir.queue_length, 0, "codir.queue_length")
+
+
+def validate_run(train: TrainConfig, logging: LoggingConfig, checkpoint: CheckpointConfig) -> None:
+    for name in ("micro_batch_size", "gradient_accumulation_steps"):
+        at_least(getattr(train, name), 1, f"train.{name}")
+    positive(train.lr, "train.lr")
+    at_least(train.warmup_steps, 0, "train.warmup_steps")
+    at_least(logging.every, 1, "logging.every")
+    at_least(checkpoint.every, 0, "checkpoint.every")
+    at_least(checkpoint.keep, 1, "checkpoint.keep")
+
+
+def require(value: str, key: str, why: str) -> None:
     if not value:
         raise CodirError(f"{key}: {why}")
 
 
-def _at_least(value: float, low: float, key: str) -> None:
+def at_least(value: float, low: float, key: str) -> None:
     if value < low:
         raise CodirError(f"{key}: {value} is below the minimum {low}")
 
 
-def _positive(value: float, key: str) -> None:
+def positive(value: float, key: str) -> None:
     if value <= 0:
         raise CodirError(f"{key}: {value} must be > 0")
 

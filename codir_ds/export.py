@@ -1,12 +1,14 @@
 """Export: consolidate a (ZeRO-sharded) checkpoint into a plain Hugging Face student folder."""
 from __future__ import annotations
 
+import copy
 import glob
 from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+import transformers
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
 from .checkpoint import LATEST
 from .errors import CodirError, error_line
@@ -15,10 +17,12 @@ STUDENT_SPEC = "student_spec"  # folder beside the checkpoints: the student's co
 STUDENT_PREFIX = "student."  # parameters under StudentWithHeads.student; heads are dropped
 
 
-def save_student_spec(directory: Path, student_config, tokenizer) -> None:
-    """Write what export needs besides weights: the student's config and the shared tokenizer."""
+def save_student_spec(directory: Path, student: PreTrainedModel, tokenizer) -> None:
+    """Write what export needs besides weights: the student's config (naming its class) and the shared tokenizer."""
     spec = directory / STUDENT_SPEC
-    student_config.save_pretrained(spec)
+    config = copy.deepcopy(student.config)
+    config.architectures = [type(student).__name__]
+    config.save_pretrained(spec)
     tokenizer.save_pretrained(spec)
 
 
@@ -31,7 +35,9 @@ def export_student(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | N
     tag = tag or _latest(checkpoint_dir)
     state = _consolidated_state(checkpoint_dir, tag)
     student_state = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
-    model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(spec))
+    config = AutoConfig.from_pretrained(spec)
+    model_class = getattr(transformers, (config.architectures or [""])[0], None)
+    model = model_class(config) if model_class else AutoModelForMaskedLM.from_config(config)
     try:
         model.load_state_dict(student_state, strict=True)
     except RuntimeError as err:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .config import PretrainConfig, StudentConfig
+from .finetune_config import FinetuneConfig
 from .errors import CodirError, error_line
 from .layer_map import resolve_layer_map
 
@@ -36,7 +37,7 @@ class ModelPlan:
         return len(self.layer_map) * self.teacher_config.hidden_size
 
 
-def plan_models(cfg: PretrainConfig) -> ModelPlan:
+def plan_models(cfg: PretrainConfig | FinetuneConfig) -> ModelPlan:
     """Check teacher, student and layer map against each other; raise `CodirError` on any mismatch."""
     teacher_config = read_model_config(cfg.teacher.path, "teacher.path")
     student_cfg = cfg.student
@@ -77,12 +78,16 @@ def has_mlm_head(source: str) -> bool:
     return any(name.startswith(_MLM_HEAD_PREFIXES) or ".lm_head." in name for name in checkpoint_tensor_names(source))
 
 
-def load_teacher(source: str, with_mlm_head: bool) -> PreTrainedModel:
+def has_classifier_head(source: str) -> bool:
+    """Whether the checkpoint holds a sequence-classification head (a teacher finetuned on a task)."""
+    return any(name.startswith(("classifier.", "score.")) for name in checkpoint_tensor_names(source))
+
+
+def load_teacher(source: str, auto_class=AutoModel) -> PreTrainedModel:
     """The frozen teacher: eval mode, no gradients. Under an active `HfDeepSpeedConfig` with ZeRO-3,
     `from_pretrained` loads it already partitioned, so no rank holds the whole model."""
-    auto = AutoModelForMaskedLM if with_mlm_head else AutoModel
     try:
-        teacher = auto.from_pretrained(source)
+        teacher = auto_class.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise CodirError(f"teacher.path: cannot load {source!r}: {error_line(err)}") from None
     teacher.eval()
@@ -125,16 +130,17 @@ def check_same_tokenizer(teacher_source: str, student_source: str) -> None:
         )
 
 
-def build_student(cfg: StudentConfig, teacher_source: str, teacher_config: PretrainedConfig, layer_map: list[int]):
-    """A masked-LM student, initialised as `cfg.init` says."""
-    student_config = student_model_config(cfg, teacher_config)
+def build_student(cfg: StudentConfig, teacher_source: str, student_config: PretrainedConfig, layer_map: list[int],
+                  auto_class=AutoModelForMaskedLM, **load_options):
+    """The student (`auto_class`: masked-LM in stage 1, sequence classification in stage 2) with the
+    architecture `student_config`, initialised as `cfg.init` says."""
     if cfg.init == "checkpoint":
         check_same_tokenizer(teacher_source, cfg.checkpoint)
         try:
-            return AutoModelForMaskedLM.from_pretrained(cfg.checkpoint)
+            return auto_class.from_pretrained(cfg.checkpoint, config=student_config, **load_options)
         except (OSError, ValueError) as err:
             raise CodirError(f"student.checkpoint: cannot load {cfg.checkpoint!r}: {error_line(err)}") from None
-    student = AutoModelForMaskedLM.from_config(student_config)
+    student = auto_class.from_config(student_config)
     if cfg.init == "teacher_layers":
         copy_teacher_layers(student, teacher_source, layer_map)
     return student

@@ -4,10 +4,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .distributed import rank
+from .distributed import mean_over_ranks, rank
+
+LOSS_TERMS = ("total", "mlm", "ce", "kd", "codir")
 
 
 class Monitor:
@@ -30,10 +33,15 @@ class Monitor:
         elapsed = max(time.perf_counter() - self._since, 1e-9)
         scalars = {**scalars, "throughput/samples_per_s": self._samples / elapsed, "throughput/tokens_per_s": self._tokens / elapsed}
         self._since, self._samples, self._tokens = time.perf_counter(), 0, 0
+        self.scalars(step, scalars)
+        if self.active:
+            self.bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", tok_s=f"{scalars['throughput/tokens_per_s']:.0f}")
+
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Write extra scalars (e.g. evaluation results) at `step`."""
         if self.active:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
-            self.bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", tok_s=f"{scalars['throughput/tokens_per_s']:.0f}")
 
     def text(self, tag: str, text: str) -> None:
         if self.active:
@@ -43,3 +51,9 @@ class Monitor:
         self.bar.close()
         if self.active:
             self.writer.close()
+
+
+def averaged_scalars(local: dict[str, float], device: torch.device) -> dict[str, float]:
+    """This rank's step values averaged over all ranks, named for TensorBoard: `loss/<term>`, `codir/<statistic>`."""
+    averaged = mean_over_ranks(torch.tensor(list(local.values()), dtype=torch.float64, device=device))
+    return {(f"loss/{name}" if name in LOSS_TERMS else f"codir/{name}"): float(v) for name, v in zip(local, averaged)}

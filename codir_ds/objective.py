@@ -68,3 +68,25 @@ def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
     return kl * temperature**2
+
+
+def sampled_contrastive_logits(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[batch, 1 + K] similarities / temperature of each anchor to its own positive (column 0) and its own
+    K negatives (`negatives` is [batch, K, dim]): the memory bank's per-anchor, label-aware form."""
+    positive = (anchors * positives).sum(dim=-1, keepdim=True)
+    negative = torch.einsum("bd,bkd->bk", anchors, negatives)
+    return torch.cat([positive, negative], dim=1) / temperature
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Cross-entropy on class logits, or MSE of the single output for regression."""
+    if regression:
+        return F.mse_loss(logits.float().squeeze(-1), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def task_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
+    """Logit KD: T^2 * KL for classes (`logit_kd`), MSE to the teacher's output for regression."""
+    if regression:
+        return F.mse_loss(student_logits.float(), teacher_logits.float())
+    return logit_kd(student_logits, teacher_logits, temperature)

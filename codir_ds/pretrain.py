@@ -6,27 +6,25 @@ config -> data -> frozen (ZeRO-3) teacher forward -> all-gathered teacher featur
 """
 from __future__ import annotations
 
-import gc
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
 import numpy as np
 import torch
-from transformers.integrations import HfDeepSpeedConfig
+from transformers import AutoModel, AutoModelForMaskedLM
 
-from .checkpoint import load_checkpoint, resolve_resume_tag, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_resume_tag, save_checkpoint, seed_everything
 from .config import PretrainConfig, config_to_dict
 from .data import PackedMLMStream, load_corpus
 from .distiller import LossWeights, StudentWithHeads, TeacherFeatures
 from .distributed import all_gather_rows, barrier, init_distributed, rank, world_size
-from .ds_config import load_ds_config, teacher_ds_config
-from .errors import CodirError, error_line
+from .ds_config import load_ds_config
+from .engines import parameter_counts, student_engine, teacher_engine
 from .export import export_student, save_student_spec
 from .models import ModelPlan, build_student, load_teacher, load_tokenizer, plan_models
-from .monitor import Monitor
+from .monitor import Monitor, averaged_scalars
 from .negatives import NegativeQueue
 from .objective import contrastive_stats
 
@@ -48,7 +46,7 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     plan = plan_models(cfg)  # configs and file headers only: bad input fails before any weights load
     ds_config = load_ds_config(cfg.train, world_size())
     weights = loss_weights(cfg, plan)
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
     _prepare_corpus(cfg)
 
@@ -66,7 +64,7 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
         queue.load_state_dict(state["queue"])
         start = state["step"]
     elif rank() == 0:
-        save_student_spec(checkpoints, plan.student_config, tokenizer)
+        save_student_spec(checkpoints, student.module.student, tokenizer)
     monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every, cfg.logging.progress_bar)
     _announce(cfg, run, tag, monitor)
 
@@ -108,23 +106,11 @@ def _scalars(run: PretrainRun, stream: PackedMLMStream, step: int, cfg: Pretrain
     """This step's scalars for TensorBoard, averaged over ranks on logging steps."""
     if step % cfg.logging.every:
         return {}
-    local = run.losses[-1]
-    averaged = _mean_over_ranks(torch.tensor(list(local.values()), dtype=torch.float64, device=run.student.device))
-    names = {"total": "loss/total", "mlm": "loss/mlm", "kd": "loss/kd", "codir": "loss/codir",
-             "top1_accuracy": "codir/top1_accuracy", "positive_similarity": "codir/positive_similarity",
-             "negative_similarity": "codir/negative_similarity"}
-    scalars = {names[k]: float(v) for k, v in zip(local, averaged)}
+    scalars = averaged_scalars(run.losses[-1], run.student.device)
     scalars["lr"] = run.student.get_lr()[0]
     scalars["codir/queue_fill"] = run.queue.fill_fraction
     scalars.update({f"data/{k}": float(v) for k, v in stream.state.counts.items()})
     return scalars
-
-
-def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if world_size() > 1:
-        deepspeed.comm.all_reduce(values)
-        values /= world_size()
-    return values.cpu()
 
 
 def loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
@@ -138,26 +124,17 @@ def loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
 
 
 def build_teacher_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, with_logits: bool):
-    """The frozen teacher; with teacher.zero3 it is loaded already partitioned (ZeRO-3 zero.Init)."""
-    config = teacher_ds_config(ds_config, partition=cfg.teacher.zero3)
-    loading = HfDeepSpeedConfig(config) if cfg.teacher.zero3 else None  # must live while from_pretrained runs
-    teacher = load_teacher(cfg.teacher.path, with_mlm_head=with_logits)
-    del loading
-    gc.collect()
-    module = TeacherFeatures(teacher, plan.layer_map, cfg.codir.pooling, with_logits)
-    engine, *_ = deepspeed.initialize(model=module, config=config)
-    engine.eval()
-    return engine
+    """The frozen teacher's feature (and MLM-logit) extractor, ZeRO-3 partitioned with `teacher.zero3`."""
+    auto = AutoModelForMaskedLM if with_logits else AutoModel
+    return teacher_engine(lambda: load_teacher(cfg.teacher.path, auto),
+                          lambda model: TeacherFeatures(model, plan.layer_map, cfg.codir.pooling, with_logits),
+                          ds_config, cfg.teacher.zero3)
 
 
 def build_student_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, weights: LossWeights):
-    student = build_student(cfg.student, cfg.teacher.path, plan.teacher_config, plan.layer_map)
+    student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map)
     module = StudentWithHeads(student, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
-    try:
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
-    except (ValueError, KeyError, TypeError, AssertionError) as err:
-        raise CodirError(f"train.deepspeed_config {cfg.train.deepspeed_config}: {type(err).__name__}: {error_line(err, limit=300)}") from None
-    return engine
+    return student_engine(module, ds_config, cfg.train.deepspeed_config)
 
 
 def _prepare_corpus(cfg: PretrainConfig) -> None:
@@ -168,9 +145,8 @@ def _prepare_corpus(cfg: PretrainConfig) -> None:
 
 
 def _announce(cfg: PretrainConfig, run: PretrainRun, resumed_from: str | None, monitor: Monitor) -> None:
-    teacher_total = sum(getattr(p, "ds_numel", p.numel()) for p in run.teacher.module.parameters())
-    teacher_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in run.teacher.module.parameters())
-    student_total = sum(getattr(p, "ds_numel", p.numel()) for p in run.student.module.student.parameters())
+    teacher_total, teacher_here = parameter_counts(run.teacher.module)
+    student_total, _ = parameter_counts(run.student.module.student)
     resolved = json.dumps(config_to_dict(cfg), separators=(",", ":"))
     monitor.text("config", resolved)
     if rank() == 0:
@@ -179,9 +155,3 @@ def _announce(cfg: PretrainConfig, run: PretrainRun, resumed_from: str | None, m
               f"student {student_total / 1e6:.2f}M, layer map {run.plan.layer_map}, world {world_size()}, "
               f"dtype {run.student.get_data_types()[0]}, "
               + (f"resumed from {resumed_from}" if resumed_from else "fresh start"), flush=True)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

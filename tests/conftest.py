@@ -57,11 +57,20 @@ def headless_teacher(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("headless"), layers=4, mlm_head=False, seed=1)
 
 
+DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra) -> dict:
+    """The environment for a child process: CPU DeepSpeed, and none of the rendezvous variables that an
+    in-process run (a world of one) left in this test process."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
+    return {**env, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
 def run_deepspeed(script: Path, args: list[str], ranks: int = 2, timeout: int = 600, env: dict | None = None):
     """Start `script` on `ranks` CPU ranks with the real `deepspeed` launcher; returns the CompletedProcess."""
     launcher = Path(sys.executable).with_name("deepspeed")
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env = child_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
     port = str(29500 + (os.getpid() % 2000))
     command = [str(launcher), "--num_gpus", str(ranks), "--master_port", port, str(script), *args]
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

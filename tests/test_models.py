@@ -6,14 +6,14 @@ from safetensors.torch import load_file
 
 from codir_ds.config import StudentConfig
 from codir_ds.errors import CodirError
-from codir_ds.models import build_student, check_same_tokenizer, has_mlm_head, load_teacher, read_model_config
+from codir_ds.models import build_student, check_same_tokenizer, has_mlm_head, load_teacher, read_model_config, student_model_config
 from conftest import save_tiny_model, write_tokenizer
 
 
 def test_student_copies_exactly_the_mapped_teacher_layers(tiny_teacher):
-    teacher = load_teacher(str(tiny_teacher), with_mlm_head=True)
+    teacher = load_teacher(str(tiny_teacher), AutoModelForMaskedLM)
     config = read_model_config(str(tiny_teacher), "teacher")
-    student = build_student(StudentConfig(num_layers=2), str(tiny_teacher), config, layer_map=[1, 4])
+    student = build_student(StudentConfig(num_layers=2), str(tiny_teacher), student_model_config(StudentConfig(num_layers=2), config), layer_map=[1, 4])
     t_state, s_state = teacher.state_dict(), student.state_dict()
     for i, teacher_layer in enumerate([1, 4]):
         t_layer = {k.split(f"encoder.layer.{teacher_layer - 1}.")[1]: v for k, v in t_state.items() if f"encoder.layer.{teacher_layer - 1}." in k}
@@ -31,7 +31,7 @@ def test_student_copies_exactly_the_mapped_teacher_layers(tiny_teacher):
 def test_headless_teacher_gives_body_but_fresh_head(headless_teacher):
     assert not has_mlm_head(str(headless_teacher))
     config = read_model_config(str(headless_teacher), "teacher")
-    student = build_student(StudentConfig(num_layers=2), str(headless_teacher), config, layer_map=[2, 4])
+    student = build_student(StudentConfig(num_layers=2), str(headless_teacher), student_model_config(StudentConfig(num_layers=2), config), layer_map=[2, 4])
     stored = load_file(str(headless_teacher / "model.safetensors"))
     torch.testing.assert_close(student.bert.embeddings.word_embeddings.weight, stored["embeddings.word_embeddings.weight"])
     torch.testing.assert_close(student.bert.encoder.layer[1].output.dense.weight, stored["encoder.layer.3.output.dense.weight"])
@@ -42,7 +42,7 @@ def test_corrupt_teacher_weights_are_named(tmp_path):
     (folder / "model.safetensors").write_bytes(b"garbage")
     config = read_model_config(str(folder), "teacher")
     with pytest.raises(CodirError, match="corrupt weight file .*model.safetensors"):
-        build_student(StudentConfig(num_layers=1), str(folder), config, layer_map=[2])
+        build_student(StudentConfig(num_layers=1), str(folder), student_model_config(StudentConfig(num_layers=1), config), layer_map=[2])
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tmp_path, tiny_teacher):

@@ -1,19 +1,17 @@
 """`launch/pretrain.py` as a user runs it (one process): bad input gives one line and exit code 2."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, child_env
 from stage1 import tensorboard_scalars, write_corpus, write_run_config
 
 
 def pretrain(config, *overrides):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, str(REPO / "launch/pretrain.py"), f"--config={config}", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=child_env())
 
 
 def one_line_error(result) -> str:

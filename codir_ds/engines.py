@@ -1,0 +1,43 @@
+"""DeepSpeed engines for both stages: the frozen (optionally ZeRO-3 partitioned) teacher and the trained student."""
+from __future__ import annotations
+
+import gc
+from typing import Callable
+
+import deepspeed
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
+
+from .ds_config import teacher_ds_config
+from .errors import CodirError, error_line
+
+
+def teacher_engine(load: Callable[[], PreTrainedModel], wrap: Callable[[PreTrainedModel], nn.Module],
+                   student_ds_config: dict, partition: bool) -> deepspeed.DeepSpeedEngine:
+    """Inference engine of the frozen teacher; with `partition` it is loaded already partitioned (ZeRO-3 zero.Init)."""
+    config = teacher_ds_config(student_ds_config, partition=partition)
+    loading = HfDeepSpeedConfig(config) if partition else None  # must live while from_pretrained runs
+    teacher = load()
+    del loading
+    gc.collect()
+    engine, *_ = deepspeed.initialize(model=wrap(teacher), config=config)
+    engine.eval()
+    return engine
+
+
+def student_engine(module: nn.Module, ds_config: dict, config_path: str) -> deepspeed.DeepSpeedEngine:
+    """Training engine of the student module; a config DeepSpeed rejects is reported in one line."""
+    try:
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        raise CodirError(f"train.deepspeed_config {config_path}: {type(err).__name__}: {error_line(err, limit=300)}") from None
+    return engine
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(total parameters, parameters held by this rank): they differ under ZeRO-3 partitioning."""
+    params = list(module.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return total, here

@@ -1,0 +1,312 @@
+"""Stage 2: task finetuning distillation on DeepSpeed.
+
+config -> task data -> frozen task teacher (ZeRO-3) -> memory bank of its features and logits over the
+training set (or a live teacher and the stage-1 queue) -> student loss (1 - a) CE + a T^2 KL + b CoDIR
+with label-aware negatives -> dev evaluation, best checkpoint -> export.
+
+The same loop finetunes the teacher itself (`teacher_training_config`): alpha = beta = 0, no teacher.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import deepspeed
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, PretrainedConfig
+
+from .checkpoint import load_checkpoint, resolve_resume_tag, save_checkpoint, seed_everything
+from .config import config_to_dict
+from .distributed import all_gather_rows, barrier, init_distributed, rank, world_size
+from .ds_config import load_ds_config
+from .engines import parameter_counts, student_engine, teacher_engine
+from .errors import CodirError
+from .export import export_student, save_student_spec
+from .finetune_config import FinetuneConfig, FinetuneStudentConfig, TaskLossConfig
+from .memory_bank import MemoryBank, fill_memory_bank
+from .metrics import compute_metrics
+from .models import ModelPlan, build_student, has_classifier_head, load_teacher, load_tokenizer, plan_models
+from .monitor import Monitor, averaged_scalars
+from .negatives import NegativeQueue
+from .objective import contrastive_stats
+from .task_data import EpochBatches, Task, TaskData, collate, load_task_data, padded_shards, resolve_task
+from .task_distiller import ClassifierWithHeads, TaskLossWeights, TeacherTaskOutputs
+
+BEST = "best"  # checkpoint tag of the best dev score; pruning never removes it
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class FinetuneRun:
+    """Engines, negatives, data and history of one run on this rank."""
+
+    cfg: FinetuneConfig
+    data: TaskData
+    student: deepspeed.DeepSpeedEngine
+    teacher: Optional[deepspeed.DeepSpeedEngine]  # None when not needed (cached bank, or plain finetuning)
+    bank: Optional[MemoryBank]
+    queue: Optional[NegativeQueue]
+    batches: EpochBatches
+    sampler: torch.Generator  # draws the bank's negatives; part of the checkpoint
+    losses: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)  # {"step", "metrics"} per evaluation
+    best: dict = field(default_factory=dict)  # the best evaluation so far
+
+    @property
+    def task(self) -> Task:
+        return self.data.task
+
+
+def teacher_training_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The config that finetunes the teacher itself on the task: CE only, starting from `teacher.path`."""
+    student = FinetuneStudentConfig(init="checkpoint", checkpoint=cfg.teacher.path)
+    return dataclasses.replace(cfg, student=student, loss=TaskLossConfig(kd=0.0, codir=0.0, kd_temperature=cfg.loss.kd_temperature))
+
+
+def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_name: str = "student") -> FinetuneRun:
+    """Train for `train.epochs` (or `train.max_steps`), evaluating on the dev split(s); export the best student."""
+    init_distributed()
+    seed_everything(cfg.train.seed)
+    task = resolve_task(cfg.task)
+    plan = plan_models(cfg)  # configs and file headers only: bad paths fail before any data is read
+    tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
+    data = _load_data_rank0_first(cfg, task, tokenizer)
+    task = data.task  # with the labels a custom task's train set declares
+    fit_plan_to_task(cfg, plan, task)
+    batches = EpochBatches(data.train, tokenizer, cfg.train.micro_batch_size, rank(), world_size(), cfg.train.seed)
+    train_cfg = dataclasses.replace(cfg.train, max_steps=cfg.train.max_steps or max(1, math.ceil(
+        cfg.train.epochs * batches.per_epoch / cfg.train.gradient_accumulation_steps)))
+    cfg = dataclasses.replace(cfg, train=train_cfg)
+    ds_config = load_ds_config(cfg.train, world_size())
+
+    teacher = build_task_teacher(cfg, plan, ds_config) if cfg.distils else None
+    bank = queue = None
+    if cfg.distils and cfg.codir.negatives == "bank":
+        bank = build_memory_bank(teacher, data, tokenizer, cfg)
+        if not cfg.teacher.live:
+            teacher = None  # later steps read the teacher's outputs from the bank
+            gc.collect()
+    student = build_task_student(cfg, plan, ds_config, task)
+    if cfg.distils and cfg.codir.negatives == "queue":
+        queue = NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=student.device)
+    sampler = torch.Generator().manual_seed(cfg.train.seed + rank())
+    run = FinetuneRun(cfg, data, student, teacher, bank, queue, batches, sampler)
+
+    checkpoints, start = cfg.checkpoint_dir, 0
+    tag = resolve_resume_tag(checkpoints, cfg.checkpoint.resume)
+    if tag:
+        start = _restore(run, load_checkpoint(student, checkpoints, tag))
+    elif rank() == 0:
+        save_student_spec(checkpoints, student.module.student, tokenizer)
+    monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every, cfg.logging.progress_bar)
+    _announce(run, plan, tag, monitor)
+
+    last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
+    steps_per_epoch = max(1, batches.per_epoch // cfg.train.gradient_accumulation_steps)
+    for step in range(start + 1, last + 1):
+        terms = [micro_step(run) for _ in range(cfg.train.gradient_accumulation_steps)]
+        run.losses.append({k: float(np.mean([t[k] for t in terms])) for k in terms[0]})
+        samples = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size()
+        monitor.step(step, samples, samples * cfg.task.max_seq_length, _scalars(run, step))
+        if step == cfg.train.max_steps or step % (cfg.eval.every or steps_per_epoch) == 0:
+            _evaluate_and_keep_best(run, step, monitor)
+        if step == last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            save_checkpoint(student, checkpoints, step, _rank_state(run), cfg.checkpoint.keep)
+    monitor.close()
+    if cfg.output.export and last == cfg.train.max_steps:
+        _export(run, export_name)
+    return run
+
+
+def micro_step(run: FinetuneRun, live_teacher: bool | None = None) -> dict[str, float]:
+    """One forward/backward/step on this rank's next micro-batch; returns its loss terms and CoDIR statistics."""
+    cfg, device = run.cfg, run.student.device
+    batch = {k: v.to(device) for k, v in run.batches.next_batch().items()}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    labels, idx = batch["labels"], batch["idx"]
+    teacher_logits, contrast, enqueue = None, {}, None
+    if cfg.distils:
+        live = run.teacher is not None if live_teacher is None else live_teacher
+        if live:
+            with torch.no_grad():
+                features, teacher_logits = run.teacher(**inputs)
+        else:
+            features, teacher_logits = run.bank.features[idx], run.bank.logits[idx]
+        if cfg.loss.codir > 0 and run.bank is not None:
+            contrast = _bank_negatives(run, features, idx, labels)
+        elif cfg.loss.codir > 0:
+            contrast, enqueue = _queue_candidates(run, features, labels)
+    terms, contrast_logits = run.student(**inputs, labels=labels, teacher_logits=teacher_logits, **contrast)
+    run.student.backward(terms["total"])
+    run.student.step()
+    if enqueue is not None:
+        run.queue.enqueue(*enqueue)
+    stats = contrastive_stats(*contrast_logits, cfg.codir.temperature) if contrast_logits else {}
+    return {**{name: value.item() for name, value in terms.items()}, **stats}
+
+
+def _bank_negatives(run: FinetuneRun, features, idx, labels) -> dict:
+    """K negatives per anchor from the memory bank, of a different label (random for regression)."""
+    rows = run.bank.sample_negatives(idx, labels, run.cfg.codir.num_negatives, run.sampler)
+    return {"positives": features, "negatives": run.bank.features[rows.to(run.bank.features.device)]}
+
+
+def _queue_candidates(run: FinetuneRun, features, labels) -> tuple[dict, tuple]:
+    """Candidates: the all-gathered global batch, then the queue (same-label rows masked for classification);
+    and the rows to enqueue after the step."""
+    batch_features, offset = all_gather_rows(features)
+    queued_features, queued_labels = run.queue.valid()
+    contrast = {"candidates": torch.cat([batch_features.to(queued_features.dtype), queued_features]),
+                "positive_index": offset + torch.arange(len(features), device=features.device)}
+    if run.task.regression:
+        return contrast, (batch_features, None)
+    batch_labels, _ = all_gather_rows(labels)
+    contrast["candidate_labels"] = torch.cat([batch_labels, queued_labels])
+    return contrast, (batch_features, batch_labels)
+
+
+@torch.no_grad()
+def evaluate(run: FinetuneRun) -> dict[str, dict[str, float]]:
+    """The task's metrics on every dev split: {split: {metric: value}}. Every rank takes part (ZeRO-3)."""
+    run.student.eval()
+    results = {}
+    for name, split in run.data.dev.items():
+        logits, ids = [], []
+        for indices, real in padded_shards(len(split), rank(), world_size(), run.cfg.eval.batch_size):
+            batch = collate(split, indices, run.batches.tokenizer)
+            _, out = run.student(**{k: batch[k].to(run.student.device) for k in MODEL_INPUTS if k in batch})
+            logits.append(all_gather_rows(out[:real].float())[0])
+            ids.append(all_gather_rows(batch["idx"][:real].to(run.student.device))[0])
+        order = torch.argsort(torch.cat(ids))
+        outputs = torch.cat(logits)[order].cpu().numpy()
+        results[name] = compute_metrics(list(run.task.metrics), outputs, np.asarray(split["label"]), run.task.regression)
+    run.student.train()
+    return results
+
+
+def fit_plan_to_task(cfg: FinetuneConfig, plan: ModelPlan, task: Task) -> None:
+    """Check the teacher against the task and give the student the task's labels."""
+    if cfg.distils:
+        if not has_classifier_head(cfg.teacher.path):
+            raise CodirError(f"teacher.path: {cfg.teacher.path} has no classification head: finetune it on the task first "
+                             f"(deepspeed launch/finetune.py teacher --config ...)")
+        if plan.teacher_config.num_labels != task.num_labels:
+            raise CodirError(f"teacher.path: the teacher predicts {plan.teacher_config.num_labels} labels, "
+                             f"task {task.name} has {task.num_labels}")
+    _configure_for_task(plan.student_config, task)
+
+
+def _configure_for_task(config: PretrainedConfig, task: Task) -> None:
+    config.num_labels = task.num_labels
+    config.problem_type = "regression" if task.regression else "single_label_classification"
+    if task.labels:
+        config.id2label = dict(enumerate(task.labels))
+        config.label2id = {label: i for i, label in enumerate(task.labels)}
+
+
+def build_task_teacher(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict):
+    """The frozen task teacher (features of its mapped layers and logits), ZeRO-3 partitioned with `teacher.zero3`."""
+    return teacher_engine(lambda: load_teacher(cfg.teacher.path, AutoModelForSequenceClassification),
+                          lambda model: TeacherTaskOutputs(model, plan.layer_map, cfg.codir.pooling),
+                          ds_config, cfg.teacher.zero3)
+
+
+def build_memory_bank(teacher, data: TaskData, tokenizer, cfg: FinetuneConfig) -> MemoryBank:
+    """One teacher pass over the training set; every rank computes its share and receives the whole bank."""
+    device = teacher.device
+
+    def forward(batch):
+        return teacher(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
+
+    shards = ((collate(data.train, indices, tokenizer), real)
+              for indices, real in padded_shards(len(data.train), rank(), world_size(), cfg.eval.batch_size))
+    features, logits = fill_memory_bank(forward, shards, len(data.train), lambda rows: all_gather_rows(rows)[0])
+    labels = torch.tensor(data.train["label"])
+    bank = MemoryBank(features, logits, labels, data.task.regression)
+    if rank() == 0:
+        print(f"codir-ds: memory bank of {len(bank)} teacher features x {features.shape[1]} and logits "
+              f"({bank.nbytes / 2**20:.1f} MiB per rank)", flush=True)
+    return bank
+
+
+def build_task_student(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict, task: Task):
+    student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map,
+                            AutoModelForSequenceClassification, ignore_mismatched_sizes=True)
+    weights = TaskLossWeights(cfg.loss.kd, cfg.loss.kd_temperature, cfg.loss.codir, cfg.codir.temperature, task.regression)
+    module = ClassifierWithHeads(student, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
+    return student_engine(module, ds_config, cfg.train.deepspeed_config)
+
+
+def _load_data_rank0_first(cfg: FinetuneConfig, task: Task, tokenizer) -> TaskData:
+    """Rank 0 reads and tokenises first (bad data fails once, early); the other ranks reuse its cache."""
+    load = lambda: load_task_data(task, tokenizer, cfg.task.max_seq_length, cfg.task.max_train_examples, cfg.task.max_eval_examples)
+    data = load() if rank() == 0 else None
+    barrier()
+    return data if data is not None else load()
+
+
+def _evaluate_and_keep_best(run: FinetuneRun, step: int, monitor: Monitor) -> None:
+    results = evaluate(run)
+    run.evals.append({"step": step, "metrics": results})
+    monitor.scalars(step, {f"eval/{split}/{metric}": value for split, values in results.items() for metric, value in values.items()})
+    first_split, primary = next(iter(results)), run.task.metrics[0]
+    score = results[first_split][primary]
+    if rank() == 0:
+        print(f"codir-ds: step {step} dev " + ", ".join(f"{split} {metric} {value:.4f}" for split, values in results.items()
+                                                      for metric, value in values.items()), flush=True)
+    if not run.best or score > run.best["score"]:
+        run.best = {"step": step, "score": score, "metric": f"{first_split}/{primary}", "metrics": results}
+        save_checkpoint(run.student, run.cfg.checkpoint_dir, step, _rank_state(run), run.cfg.checkpoint.keep, tag=BEST)
+
+
+def _scalars(run: FinetuneRun, step: int) -> dict[str, float]:
+    if step % run.cfg.logging.every:
+        return {}
+    scalars = averaged_scalars(run.losses[-1], run.student.device)
+    scalars["lr"] = run.student.get_lr()[0]
+    if run.queue is not None:
+        scalars["codir/queue_fill"] = run.queue.fill_fraction
+    return scalars
+
+
+def _rank_state(run: FinetuneRun) -> dict:
+    return {"batches": run.batches.state_dict(), "queue": run.queue.state_dict() if run.queue else None,
+            "sampler": run.sampler.get_state(), "best": run.best, "evals": run.evals}
+
+
+def _restore(run: FinetuneRun, state: dict) -> int:
+    run.batches.load_state_dict(state["batches"])
+    if run.queue is not None and state["queue"] is not None:
+        run.queue.load_state_dict(state["queue"])
+    run.sampler.set_state(state["sampler"])
+    run.best, run.evals = state["best"], state["evals"]
+    return state["step"]
+
+
+def _export(run: FinetuneRun, name: str) -> None:
+    """The best-scoring student (by the first dev split's first metric) as a Hugging Face folder, with its scores."""
+    out = run.cfg.export_dir.parent / name
+    if rank() == 0:
+        export_student(run.cfg.checkpoint_dir, out, tag=BEST if run.best else None)
+        (out / "eval_results.json").write_text(json.dumps({"best": run.best, "history": run.evals}, indent=1))
+        print(f"codir-ds: exported {name} (best {run.best.get('metric')} {run.best.get('score', float('nan')):.4f} "
+              f"at step {run.best.get('step')}) to {out}", flush=True)
+    barrier()
+
+
+def _announce(run: FinetuneRun, plan: ModelPlan, resumed_from: str | None, monitor: Monitor) -> None:
+    resolved = json.dumps(config_to_dict(run.cfg), separators=(",", ":"))
+    monitor.text("config", resolved)
+    if rank() == 0:
+        student_total, _ = parameter_counts(run.student.module.student)
+        negatives = run.cfg.codir.negatives if run.cfg.distils and run.cfg.loss.codir > 0 else "none"
+        print(f"codir-ds: config {resolved}", flush=True)
+        print(f"codir-ds: task {run.task.name} ({len(run.data.train)} train, "
+              + ", ".join(f"{k} {len(v)}" for k, v in run.data.dev.items())
+              + f"), student {student_total / 1e6:.2f}M params, layer map {plan.layer_map}, negatives {negatives}, "
+              f"{run.cfg.train.max_steps} steps, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"), flush=True)

@@ -1,0 +1,107 @@
+"""Stage-2 run configuration: the task, the finetuned teacher, negatives, the task loss and evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .config import (CheckpointConfig, CodirConfig, LoggingConfig, OutputConfig, RunPaths, StudentConfig,
+                     TeacherConfig, TrainConfig, at_least, positive, validate_codir, validate_models, validate_run)
+from .errors import CodirError
+from .metrics import METRICS
+
+
+@dataclass
+class TaskConfig:
+    name: str = "custom"  # a GLUE task (mnli qqp qnli sst2 cola stsb mrpc rte) or "custom"
+    data_dir: str = ""  # GLUE task: folder of its TSV files as GLUE distributes them (train.tsv, dev.tsv, ...)
+    hub: bool = False  # GLUE task: load `glue/<name>` with `datasets` instead (needs a network)
+    train_file: str = ""  # a CSV/TSV/JSON(L) training file; overrides data_dir's, required for custom tasks
+    dev_files: list[str] = field(default_factory=list)  # evaluation files; default: the task's dev split(s)
+    text_columns: list[str] = field(default_factory=list)  # one or two text columns; default: the task's
+    label_column: str = ""  # default: the task's ("label" for custom tasks)
+    labels: list[str] = field(default_factory=list)  # custom: label values in id order; default: the train set's, sorted
+    regression: bool = False  # custom: a real-valued label (MSE instead of CE and KL)
+    metrics: list[str] = field(default_factory=list)  # default: the task's (custom: accuracy, or pearson/spearman)
+    max_seq_length: int = 128
+    max_train_examples: int = 0  # 0 = all; otherwise the first N (quick runs)
+    max_eval_examples: int = 0
+
+
+@dataclass
+class FinetuneTeacherConfig(TeacherConfig):
+    live: bool = False  # with codir.negatives=bank: run the teacher every step instead of reading its cached outputs
+
+
+@dataclass
+class FinetuneStudentConfig(StudentConfig):
+    init: Literal["teacher_layers", "config", "checkpoint"] = "checkpoint"  # stage 2 starts from the stage-1 export
+
+
+@dataclass
+class FinetuneCodirConfig(CodirConfig):
+    negatives: Literal["bank", "queue"] = "bank"  # bank: teacher features of the whole train set; queue: stage-1 FIFO
+    num_negatives: int = 100  # bank: K negatives per anchor, of a different label (random for regression)
+
+
+@dataclass
+class TaskLossConfig:
+    kd: float = 0.5  # alpha in (1 - alpha) * CE + alpha * T^2 * KL
+    kd_temperature: float = 2.0
+    codir: float = 1.0  # beta
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    micro_batch_size: int = 32
+    lr: float = 5e-5
+    epochs: float = 3.0
+    max_steps: int = 0  # 0 = as many steps as `epochs` takes
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between dev evaluations; 0 = at the end of each epoch (and always at the end)
+    batch_size: int = 64
+
+
+@dataclass
+class FinetuneConfig(RunPaths):
+    """Stage 2: task finetuning distillation (CE + logit KD + CoDIR with label-aware negatives)."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    teacher: FinetuneTeacherConfig = field(default_factory=FinetuneTeacherConfig)
+    student: FinetuneStudentConfig = field(default_factory=FinetuneStudentConfig)
+    codir: FinetuneCodirConfig = field(default_factory=FinetuneCodirConfig)
+    loss: TaskLossConfig = field(default_factory=TaskLossConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/finetune"))
+
+    def validate(self) -> None:
+        validate_models(self.teacher, self.student)
+        validate_codir(self.codir)
+        at_least(self.codir.num_negatives, 1, "codir.num_negatives")
+        if not 0 <= self.loss.kd <= 1:
+            raise CodirError(f"loss.kd: {self.loss.kd} is not in [0, 1] (it weighs KD against CE)")
+        at_least(self.loss.codir, 0, "loss.codir")
+        positive(self.loss.kd_temperature, "loss.kd_temperature")
+        if self.task.text_columns and not 1 <= len(self.task.text_columns) <= 2:
+            raise CodirError(f"task.text_columns: {self.task.text_columns} must name one or two columns")
+        for metric in self.task.metrics:
+            if metric not in METRICS:
+                raise CodirError(f"task.metrics: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        at_least(self.task.max_seq_length, 8, "task.max_seq_length")
+        at_least(self.task.max_train_examples, 0, "task.max_train_examples")
+        at_least(self.task.max_eval_examples, 0, "task.max_eval_examples")
+        positive(self.train.epochs, "train.epochs")
+        at_least(self.train.max_steps, 0, "train.max_steps")
+        at_least(self.eval.every, 0, "eval.every")
+        at_least(self.eval.batch_size, 1, "eval.batch_size")
+        validate_run(self.train, self.logging, self.checkpoint)
+
+    @property
+    def distils(self) -> bool:
+        """Whether the run needs the teacher at all (not for plain finetuning: alpha = beta = 0)."""
+        return self.loss.kd > 0 or self.loss.codir > 0

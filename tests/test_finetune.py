@@ -1,0 +1,108 @@
+"""Stage 2 in one process: cached teacher outputs equal a live teacher, regression, teacher finetuning,
+export of the best student, and one-line errors for bad task input."""
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoConfig
+
+from codir_ds.config import load_config
+from codir_ds.finetune import run_finetuning, teacher_training_config
+from codir_ds.finetune_config import FinetuneConfig
+from conftest import REPO, child_env, save_tiny_model
+from stage1 import tensorboard_scalars
+from stage2 import save_task_teacher, write_task, write_task_config
+from test_pretrain_cli import one_line_error
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("task")
+    return write_task(folder / "train.csv", 96), write_task(folder / "dev.csv", 40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def task_teacher(tmp_path_factory):
+    return save_task_teacher(tmp_path_factory.mktemp("task_teacher"))
+
+
+def config(tmp_path, teacher, task, **overrides):
+    return load_config(FinetuneConfig, str(write_task_config(tmp_path, teacher, *task)), overrides)
+
+
+def test_cached_teacher_outputs_train_exactly_like_a_live_teacher(tmp_path, task_teacher, task):
+    cached = run_finetuning(config(tmp_path / "cached", task_teacher, task, **{"teacher.live": False, "train.lr": 0.003, "train.epochs": 3}))
+    live = run_finetuning(config(tmp_path / "live", task_teacher, task, **{"teacher.live": True, "train.lr": 0.003, "train.epochs": 3}))
+    assert cached.teacher is None and live.teacher is not None  # the cached run dropped its teacher after the bank pass
+    assert len(cached.losses) == len(live.losses) == 36
+    for a, b in zip(cached.losses, live.losses):
+        assert a.keys() == b.keys() == {"total", "ce", "kd", "codir", "top1_accuracy", "positive_similarity", "negative_similarity"}
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    codir = [step["codir"] for step in cached.losses]
+    assert sum(codir[-6:]) < 0.6 * sum(codir[:6])  # the student learns to pick its teacher feature
+    assert cached.evals[-1]["metrics"] == live.evals[-1]["metrics"]
+
+
+def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
+    train, dev = write_task(tmp_path / "train.csv", 96, regression=True), write_task(tmp_path / "dev.csv", 30, seed=2, regression=True)
+    teacher = save_task_teacher(tmp_path / "teacher", num_labels=1)
+    cfg = config(tmp_path, teacher, (train, dev), **{"task.regression": True, "codir.negatives": "queue", "train.epochs": 2})
+    run = run_finetuning(cfg)
+    assert run.task.metrics == ("pearson", "spearman") and run.queue.filled == 32 and run.bank is None
+    assert run.losses[-1]["ce"] < run.losses[0]["ce"]  # the MSE on the score falls
+    results = json.loads((tmp_path / "out/student/eval_results.json").read_text())
+    assert set(results["best"]["metrics"]["dev"]) == {"pearson", "spearman"}
+    exported = AutoConfig.from_pretrained(tmp_path / "out/student")
+    assert exported.num_labels == 1 and exported.problem_type == "regression"
+    scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
+    assert {"loss/total", "loss/ce", "loss/kd", "loss/codir", "codir/queue_fill", "eval/dev/pearson", "lr"} <= set(scalars)
+
+
+def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path, task):
+    base = save_tiny_model(tmp_path / "base", layers=4, mlm_head=False)  # like MiniLM: a pretrained body only
+    teacher_run = run_finetuning(teacher_training_config(config(tmp_path / "t", base, task, **{"train.epochs": 10, "train.lr": 0.003})), export_name="teacher")
+    teacher_dir = tmp_path / "t/out/teacher"
+    assert teacher_run.teacher is None and "kd" not in teacher_run.losses[0] and "codir" not in teacher_run.losses[0]
+    assert teacher_run.best["score"] >= 0.8  # the task is learnable: the teacher gets most of the dev set right
+
+    stage1 = save_tiny_model(tmp_path / "stage1", layers=2, mlm_head=True, seed=3)  # a stage-1 export stands in
+    cfg = config(tmp_path / "s", teacher_dir, task, **{"student.init": "checkpoint", "student.checkpoint": str(stage1),
+                                                        "train.epochs": 4, "train.lr": 0.003, "eval.every": 6})
+    run = run_finetuning(cfg)
+    assert [e["step"] for e in run.evals] == [6, 12, 18, 24, 30, 36, 42, 48]
+    best = max(run.evals, key=lambda e: e["metrics"]["dev"]["accuracy"])
+    assert run.best["score"] == best["metrics"]["dev"]["accuracy"] and run.best["step"] == best["step"]
+
+    # The export is the best student, a plain transformers classifier: score it where codir_ds cannot be imported.
+    script = (
+        "import sys, csv, torch; sys.modules['codir_ds'] = None\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"path = '{tmp_path / 's/out/student'}'\n"
+        "model, tok = AutoModelForSequenceClassification.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)\n"
+        f"rows = list(csv.DictReader(open('{task[1]}')))\n"
+        "enc = tok([r['text'] for r in rows], padding=True, truncation=True, max_length=24, return_tensors='pt')\n"
+        "pred = model(**enc).logits.argmax(-1).tolist()\n"
+        "print(sum(model.config.id2label[p] == r['label'] for p, r in zip(pred, rows)) / len(rows))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert float(loaded.stdout.strip().splitlines()[-1]) == pytest.approx(run.best["score"])
+
+
+def finetune(config_path, *args):
+    command = [sys.executable, str(REPO / "launch/finetune.py"), *args, f"--config={config_path}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=child_env())
+
+
+def test_cli_errors_for_a_wrong_teacher_or_task(tmp_path, task, task_teacher, tiny_teacher):
+    path = write_task_config(tmp_path, task_teacher, *task)
+    assert one_line_error(finetune(path, f"--teacher.path={tiny_teacher}")) == (
+        f"teacher.path: {tiny_teacher} has no classification head: finetune it on the task first "
+        "(deepspeed launch/finetune.py teacher --config ...)")
+    assert one_line_error(finetune(path, "--task.labels=[a,b,c]")).startswith("task: ")
+    three_way = save_task_teacher(tmp_path / "three", num_labels=3)
+    assert one_line_error(finetune(path, f"--teacher.path={three_way}")) == (
+        "teacher.path: the teacher predicts 3 labels, task custom has 2")
+    assert one_line_error(finetune(path, "--task.text_columns=[review]")).startswith("task.text_columns: no column 'review'")
+    assert one_line_error(finetune(path, "student")) == "unknown finetune command 'student'; use 'distill' (the default) or 'teacher'"

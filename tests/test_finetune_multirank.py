@@ -1,0 +1,34 @@
+"""Stage 2 on 2 real CPU ranks (deepspeed launcher): ZeRO-3 teacher, memory bank or queue, shared evaluation."""
+import pytest
+
+from conftest import REPO, read_json, run_deepspeed
+from stage2 import save_task_teacher, write_task, write_task_config
+
+pytestmark = pytest.mark.multirank
+WORKER = REPO / "tests/workers/finetune_worker.py"
+
+
+def launch(config, out, *extra):
+    result = run_deepspeed(WORKER, [f"--config={config}", f"--out={out}", *extra], ranks=2)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return read_json(out / "rank0.json"), read_json(out / "rank1.json")
+
+
+@pytest.mark.parametrize("negatives", ["bank", "queue"])
+def test_two_rank_finetune_distillation(tmp_path, negatives):
+    teacher = save_task_teacher(tmp_path / "teacher")
+    train, dev = write_task(tmp_path / "train.csv", 100), write_task(tmp_path / "dev.csv", 31, seed=1)
+    config = write_task_config(tmp_path, teacher, train, dev, codir={"negatives": negatives},
+                               train={"epochs": 2, "lr": 0.003}, eval={"every": 3, "batch_size": 4})
+    first, second = launch(config, tmp_path)
+    assert first["steps"] == 12  # 100 // (8 x 2 ranks) = 6 steps per epoch
+    assert len(first["losses"]) == len(second["losses"]) == 12
+    assert first["losses"] != second["losses"]  # each rank trained on its own half of every global batch
+    assert first["evals"] == second["evals"] and [e["step"] for e in first["evals"]] == [3, 6, 9, 12]
+    assert first["best"] == second["best"] and (tmp_path / "out/student/model.safetensors").is_file()
+    if negatives == "bank":  # both ranks hold the whole bank, exactly the teacher's outputs
+        assert first["bank_feature_error"] < 1e-5 and first["bank_logit_error"] < 1e-5
+        assert first["bank_sum"] == second["bank_sum"]
+    else:  # the queue holds the same all-gathered rows, with their labels, on both ranks
+        assert first["queue_sum"] == second["queue_sum"] and first["queue_labels"] == second["queue_labels"]
+        assert set(first["queue_labels"]) == {0, 1}
