@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from .distributed import barrier, rank
+from .distributed import barrier, rank, world_size
 from .errors import CodirError, error_line
 
 LATEST = "latest"
@@ -65,9 +65,11 @@ def resolve_resume_tag(directory: Path, resume: str) -> str | None:
 def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
     """Restore engine state and return this rank's saved state (RNG restored already)."""
     folder = directory / tag
+    saved_world = len(list(folder.glob("rank_*.pt")))
+    if saved_world != world_size():
+        raise CodirError(f"checkpoint {folder} was written by {saved_world} ranks, this run has {world_size()}: resume with "
+                         f"{saved_world} ranks, or export it and start a new run from the export (student.init=checkpoint)")
     rank_file = folder / f"rank_{rank()}.pt"
-    if not rank_file.is_file():
-        raise CodirError(f"checkpoint {folder} has no state for rank {rank()} (saved with another world size?)")
     try:
         path, _ = engine.load_checkpoint(str(directory), tag=tag)
         state = torch.load(rank_file, map_location="cpu", weights_only=False)

@@ -31,11 +31,11 @@ def finetune(command: str = "distill", config: str | None = None, local_rank: in
 
     if command not in ("distill", "teacher"):
         raise CodirError(f"unknown finetune command {command!r}; use 'distill' (the default) or 'teacher'")
-    cfg = load_config(FinetuneConfig, config, overrides)
-    if command == "teacher":
-        run_finetuning(teacher_training_config(cfg), export_name="teacher")
-    else:
-        run_finetuning(cfg)
+    cfg = load_config(FinetuneConfig, config, overrides, validate=False)
+    if command == "teacher":  # the student section does not apply: the teacher itself is trained
+        cfg = teacher_training_config(cfg)
+    cfg.validate()
+    run_finetuning(cfg, export_name="teacher" if command == "teacher" else "student")
     shutdown()
 
 

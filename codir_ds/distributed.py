@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import deepspeed
 import deepspeed.comm as dist
 import torch
 
 
-def init_distributed() -> None:
-    """Join the process group set up by the `deepspeed` launcher; a plain `python` run becomes a world of one."""
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Join the process group set up by the `deepspeed` launcher; a plain `python` run becomes a world of one.
+
+    A collective that waits longer than `timeout_minutes` (a rank or node died) raises instead of hanging.
+    """
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
 
 
 def _free_port() -> int:
@@ -60,6 +64,15 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= world_size()
     return values.cpu()
+
+
+@torch.no_grad()
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one."""
+    value = torch.tensor([float(flag)], device=device)
+    if world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def barrier() -> None:

@@ -34,8 +34,9 @@ from .models import ModelPlan, build_student, has_classifier_head, load_teacher,
 from .monitor import Monitor, averaged_scalars
 from .negatives import NegativeQueue
 from .objective import contrastive_stats
+from .preemption import StopRequest, checkpoint_due
 from .task_data import EpochBatches, Task, TaskData, collate, load_task_data, padded_shards, resolve_task
-from .task_distiller import ClassifierWithHeads, TaskLossWeights, TeacherTaskOutputs
+from .task_distiller import TOKEN_LEVEL, ClassifierWithHeads, TaskLossWeights, TeacherTaskOutputs
 
 BEST = "best"  # checkpoint tag of the best dev score; pruning never removes it
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -70,7 +71,7 @@ def teacher_training_config(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_name: str = "student") -> FinetuneRun:
     """Train for `train.epochs` (or `train.max_steps`), evaluating on the dev split(s); export the best student."""
-    init_distributed()
+    init_distributed(cfg.train.comm_timeout_minutes)
     seed_everything(cfg.train.seed)
     task = resolve_task(cfg.task)
     plan = plan_models(cfg)  # configs and file headers only: bad paths fail before any data is read
@@ -84,15 +85,16 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
     cfg = dataclasses.replace(cfg, train=train_cfg)
     ds_config = load_ds_config(cfg.train, world_size())
 
-    teacher = build_task_teacher(cfg, plan, ds_config) if cfg.distils else None
+    token_level = cfg.loss.codir > 0 and cfg.loss.intermediate in TOKEN_LEVEL
+    teacher = build_task_teacher(cfg, plan, ds_config, with_states=token_level) if cfg.distils else None
     bank = queue = None
-    if cfg.distils and cfg.codir.negatives == "bank":
+    if cfg.distils and cfg.codir.negatives == "bank" and not token_level:
         bank = build_memory_bank(teacher, data, tokenizer, cfg)
         if not cfg.teacher.live:
             teacher = None  # later steps read the teacher's outputs from the bank
             gc.collect()
     student = build_task_student(cfg, plan, ds_config, task)
-    if cfg.distils and cfg.codir.negatives == "queue":
+    if cfg.distils and cfg.codir.negatives == "queue" and cfg.loss.intermediate == "codir":
         queue = NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=student.device)
     sampler = torch.Generator().manual_seed(cfg.train.seed + rank())
     run = FinetuneRun(cfg, data, student, teacher, bank, queue, batches, sampler)
@@ -107,6 +109,7 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
     _announce(run, plan, tag, monitor)
 
     last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
+    stop, done = StopRequest(cfg.stop_file), start
     steps_per_epoch = max(1, batches.per_epoch // cfg.train.gradient_accumulation_steps)
     for step in range(start + 1, last + 1):
         terms = [micro_step(run) for _ in range(cfg.train.gradient_accumulation_steps)]
@@ -115,10 +118,16 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
         monitor.step(step, samples, samples * cfg.task.max_seq_length, _scalars(run, step))
         if step == cfg.train.max_steps or step % (cfg.eval.every or steps_per_epoch) == 0:
             _evaluate_and_keep_best(run, step, monitor)
-        if step == last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        stopping = stop.agreed(student.device)
+        if checkpoint_due(step, last, cfg.checkpoint.every, stopping):
             save_checkpoint(student, checkpoints, step, _rank_state(run), cfg.checkpoint.keep)
+        done = step
+        if stopping:
+            stop.report(step)
+            break
+    stop.close()
     monitor.close()
-    if cfg.output.export and last == cfg.train.max_steps:
+    if cfg.output.export and done == cfg.train.max_steps:
         _export(run, export_name)
     return run
 
@@ -134,12 +143,18 @@ def micro_step(run: FinetuneRun, live_teacher: bool | None = None) -> dict[str, 
         live = run.teacher is not None if live_teacher is None else live_teacher
         if live:
             with torch.no_grad():
-                features, teacher_logits = run.teacher(**inputs)
+                features, teacher_logits, states = run.teacher(**inputs)
         else:
-            features, teacher_logits = run.bank.features[idx], run.bank.logits[idx]
-        if cfg.loss.codir > 0 and run.bank is not None:
+            features, teacher_logits, states = run.bank.features[idx], run.bank.logits[idx], None
+        if cfg.loss.codir == 0:
+            pass
+        elif cfg.loss.intermediate == "mse":
+            contrast = {"positives": features}
+        elif cfg.loss.intermediate in TOKEN_LEVEL:
+            contrast = {"teacher_states": states}
+        elif run.bank is not None:
             contrast = _bank_negatives(run, features, idx, labels)
-        elif cfg.loss.codir > 0:
+        else:
             contrast, enqueue = _queue_candidates(run, features, labels)
     terms, contrast_logits = run.student(**inputs, labels=labels, teacher_logits=teacher_logits, **contrast)
     run.student.backward(terms["total"])
@@ -209,10 +224,11 @@ def _configure_for_task(config: PretrainedConfig, task: Task) -> None:
         config.label2id = {label: i for i, label in enumerate(task.labels)}
 
 
-def build_task_teacher(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict):
-    """The frozen task teacher (features of its mapped layers and logits), ZeRO-3 partitioned with `teacher.zero3`."""
+def build_task_teacher(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict, with_states: bool = False):
+    """The frozen task teacher (features of its mapped layers, logits, optionally token states), ZeRO-3
+    partitioned with `teacher.zero3`."""
     return teacher_engine(lambda: load_teacher(cfg.teacher.path, AutoModelForSequenceClassification),
-                          lambda model: TeacherTaskOutputs(model, plan.layer_map, cfg.codir.pooling),
+                          lambda model: TeacherTaskOutputs(model, plan.layer_map, cfg.codir.pooling, with_states),
                           ds_config, cfg.teacher.zero3)
 
 
@@ -221,7 +237,8 @@ def build_memory_bank(teacher, data: TaskData, tokenizer, cfg: FinetuneConfig) -
     device = teacher.device
 
     def forward(batch):
-        return teacher(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
+        features, logits, _ = teacher(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
+        return features, logits
 
     shards = ((collate(data.train, indices, tokenizer), real)
               for indices, real in padded_shards(len(data.train), rank(), world_size(), cfg.eval.batch_size))
@@ -237,7 +254,7 @@ def build_memory_bank(teacher, data: TaskData, tokenizer, cfg: FinetuneConfig) -
 def build_task_student(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict, task: Task):
     student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map,
                             AutoModelForSequenceClassification, ignore_mismatched_sizes=True)
-    weights = TaskLossWeights(cfg.loss.kd, cfg.loss.kd_temperature, cfg.loss.codir, cfg.codir.temperature, task.regression)
+    weights = TaskLossWeights(cfg.loss.kd, cfg.loss.kd_temperature, cfg.loss.codir, cfg.codir.temperature, task.regression, cfg.loss.intermediate)
     module = ClassifierWithHeads(student, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
     return student_engine(module, ds_config, cfg.train.deepspeed_config)
 
@@ -257,7 +274,7 @@ def _evaluate_and_keep_best(run: FinetuneRun, step: int, monitor: Monitor) -> No
     first_split, primary = next(iter(results)), run.task.metrics[0]
     score = results[first_split][primary]
     if rank() == 0:
-        print(f"codir-ds: step {step} dev " + ", ".join(f"{split} {metric} {value:.4f}" for split, values in results.items()
+        print(f"codir-ds: step {step}: " + ", ".join(f"{split} {metric} {value:.4f}" for split, values in results.items()
                                                       for metric, value in values.items()), flush=True)
     if not run.best or score > run.best["score"]:
         run.best = {"step": step, "score": score, "metric": f"{first_split}/{primary}", "metrics": results}
@@ -304,9 +321,10 @@ def _announce(run: FinetuneRun, plan: ModelPlan, resumed_from: str | None, monit
     monitor.text("config", resolved)
     if rank() == 0:
         student_total, _ = parameter_counts(run.student.module.student)
-        negatives = run.cfg.codir.negatives if run.cfg.distils and run.cfg.loss.codir > 0 else "none"
+        intermediate = run.cfg.loss.intermediate if run.cfg.distils and run.cfg.loss.codir > 0 else "none"
+        negatives = f"{intermediate} ({run.cfg.codir.negatives} negatives)" if intermediate == "codir" else intermediate
         print(f"codir-ds: config {resolved}", flush=True)
         print(f"codir-ds: task {run.task.name} ({len(run.data.train)} train, "
               + ", ".join(f"{k} {len(v)}" for k, v in run.data.dev.items())
-              + f"), student {student_total / 1e6:.2f}M params, layer map {plan.layer_map}, negatives {negatives}, "
+              + f"), student {student_total / 1e6:.2f}M params, layer map {plan.layer_map}, intermediate loss {negatives}, "
               f"{run.cfg.train.max_steps} steps, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"), flush=True)

@@ -47,7 +47,8 @@ class FinetuneCodirConfig(CodirConfig):
 class TaskLossConfig:
     kd: float = 0.5  # alpha in (1 - alpha) * CE + alpha * T^2 * KL
     kd_temperature: float = 2.0
-    codir: float = 1.0  # beta
+    codir: float = 1.0  # beta: weight of the intermediate-layer loss below
+    intermediate: Literal["codir", "mse", "mse_tokens", "cosine"] = "codir"  # baselines: PKD pooled MSE, token MSE, cosine
 
 
 @dataclass

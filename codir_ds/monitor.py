@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from .distributed import mean_over_ranks, rank
 
-LOSS_TERMS = ("total", "mlm", "ce", "kd", "codir")
+LOSS_TERMS = ("total", "mlm", "ce", "kd", "codir", "mse", "mse_tokens", "cosine")
 
 
 class Monitor:

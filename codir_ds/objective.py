@@ -90,3 +90,25 @@ def task_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if regression:
         return F.mse_loss(student_logits.float(), teacher_logits.float())
     return logit_kd(student_logits, teacher_logits, temperature)
+
+
+def pooled_mse(student_features: torch.Tensor, teacher_features: torch.Tensor, layers: int) -> torch.Tensor:
+    """PKD's loss: squared distance of L2-normalised pooled states, summed over dimensions, averaged over
+    layers and batch. Features are [batch, layers * dim], one block per mapped layer (same width)."""
+    student = F.normalize(student_features.float().unflatten(-1, (layers, -1)), dim=-1)
+    teacher = F.normalize(teacher_features.float().unflatten(-1, (layers, -1)), dim=-1)
+    return (student - teacher).pow(2).sum(-1).mean()
+
+
+def token_mse(student_states: torch.Tensor, teacher_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of hidden states [batch, layers, seq, dim] over non-padding tokens (TinyBERT style)."""
+    mask = attention_mask[:, None, :, None].float()
+    squared = (student_states.float() - teacher_states.float()).pow(2) * mask
+    return squared.sum() / (mask.sum() * student_states.shape[1] * student_states.shape[-1])
+
+
+def token_cosine(student_states: torch.Tensor, teacher_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(student, teacher) over non-padding tokens of every mapped layer (DistilBERT style)."""
+    cosine = F.cosine_similarity(student_states.float(), teacher_states.float(), dim=-1)  # [batch, layers, seq]
+    mask = attention_mask[:, None, :].float().expand_as(cosine)
+    return ((1 - cosine) * mask).sum() / mask.sum()

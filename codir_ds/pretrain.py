@@ -27,6 +27,7 @@ from .models import ModelPlan, build_student, load_teacher, load_tokenizer, plan
 from .monitor import Monitor, averaged_scalars
 from .negatives import NegativeQueue
 from .objective import contrastive_stats
+from .preemption import StopRequest, checkpoint_due
 
 
 @dataclass
@@ -42,7 +43,7 @@ class PretrainRun:
 
 def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> PretrainRun:
     """Train to `cfg.train.max_steps` (or stop, checkpointed, after `stop_after` steps); export at the end."""
-    init_distributed()
+    init_distributed(cfg.train.comm_timeout_minutes)
     plan = plan_models(cfg)  # configs and file headers only: bad input fails before any weights load
     ds_config = load_ds_config(cfg.train, world_size())
     weights = loss_weights(cfg, plan)
@@ -69,16 +70,23 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     _announce(cfg, run, tag, monitor)
 
     last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
+    stop, done = StopRequest(cfg.stop_file), start
     for step in range(start + 1, last + 1):
         terms = [micro_step(run, stream, cfg) for _ in range(cfg.train.gradient_accumulation_steps)]
         run.losses.append({k: float(np.mean([t[k] for t in terms])) for k in terms[0]})
         samples = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size()
         monitor.step(step, samples, samples * cfg.data.max_seq_length, _scalars(run, stream, step, cfg))
-        if step == last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        stopping = stop.agreed(student.device)
+        if checkpoint_due(step, last, cfg.checkpoint.every, stopping):
             state = {"data": stream.state_dict(), "queue": queue.state_dict()}
             save_checkpoint(student, checkpoints, step, state, cfg.checkpoint.keep)
+        done = step
+        if stopping:
+            stop.report(step)
+            break
+    stop.close()
     monitor.close()
-    if cfg.output.export and last == cfg.train.max_steps:
+    if cfg.output.export and done == cfg.train.max_steps:
         if rank() == 0:
             print(f"codir-ds: exported student to {export_student(checkpoints, cfg.export_dir)}", flush=True)
         barrier()

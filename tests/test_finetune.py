@@ -106,3 +106,22 @@ def test_cli_errors_for_a_wrong_teacher_or_task(tmp_path, task, task_teacher, ti
         "teacher.path: the teacher predicts 3 labels, task custom has 2")
     assert one_line_error(finetune(path, "--task.text_columns=[review]")).startswith("task.text_columns: no column 'review'")
     assert one_line_error(finetune(path, "student")) == "unknown finetune command 'student'; use 'distill' (the default) or 'teacher'"
+
+
+def test_cli_teacher_command_needs_no_student_section(tmp_path, task, tiny_teacher):
+    raw = json.loads(write_task_config(tmp_path, tiny_teacher, *task).read_text())
+    del raw["student"]  # its default (start from a stage-1 checkpoint) does not apply to the teacher
+    (tmp_path / "teacher.json").write_text(json.dumps(raw))
+    result = finetune(tmp_path / "teacher.json", "teacher", "--train.max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = AutoConfig.from_pretrained(tmp_path / "out/teacher")
+    assert exported.num_hidden_layers == 4 and exported.id2label == {0: "neg", 1: "pos"}
+
+
+@pytest.mark.parametrize("intermediate, teacher_kept", [("mse", False), ("mse_tokens", True), ("cosine", True)])
+def test_baseline_intermediate_losses_train_through_the_same_loop(tmp_path, task_teacher, task, intermediate, teacher_kept):
+    run = run_finetuning(config(tmp_path, task_teacher, task, **{"loss.intermediate": intermediate, "loss.codir": 10.0,
+                                                                 "train.epochs": 2, "train.lr": 0.003}))
+    assert (run.teacher is not None) == teacher_kept and run.student.module.heads is None  # no CoDIR heads trained
+    values = [step[intermediate] for step in run.losses]
+    assert "codir" not in run.losses[0] and sum(values[-4:]) < sum(values[:4])  # the student moves toward the teacher

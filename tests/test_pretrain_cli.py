@@ -83,6 +83,10 @@ def test_missing_crashed_and_corrupt_checkpoints(config, tmp_path):
     message = one_line_error(pretrain(config, "--train.max_steps=5"))
     assert message.startswith(f"corrupt checkpoint {checkpoints / 'step_4'}")
 
+    (checkpoints / "step_4/rank_1.pt").write_bytes(b"")  # as if 2 ranks had written it
+    assert one_line_error(pretrain(config, "--train.max_steps=5")).startswith(
+        f"checkpoint {checkpoints / 'step_4'} was written by 2 ranks, this run has 1: resume with 2 ranks")
+
 
 def test_headless_teacher_turns_kd_off_with_a_notice(tmp_path, headless_teacher):
     config = write_run_config(tmp_path, headless_teacher, write_corpus(tmp_path / "corpus.txt"),

@@ -1,0 +1,99 @@
+"""The real slurm/pretrain.sbatch on 2 "nodes" of this machine: stand-in srun/scontrol start one DeepSpeed
+launcher with 1 CPU rank per node (real sockets on loopback). Completion, SIGUSR1 preemption, a dead rank."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, child_env
+from stage1 import write_corpus, write_run_config
+
+pytestmark = pytest.mark.multirank
+STANDIN = REPO / "tests/slurm_standin"
+JOB = 4242
+
+
+def sbatch_env(run_dir: Path, tmp_path: Path) -> dict:
+    """SLURM's environment for a 2-node job, the stand-ins first on PATH."""
+    venv_bin = str(Path(os.sys.executable).parent)
+    port = 29500 + (os.getpid() + 7) % 2000
+    return child_env(PATH=f"{STANDIN}:{venv_bin}:{os.environ['PATH']}", SLURM_JOB_ID=str(JOB), SLURM_NNODES="2",
+                     SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1",
+                     RUN_DIR=str(run_dir), MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+                     SCONTROL_LOG=str(tmp_path / "scontrol.log"))
+
+
+def sbatch(config: Path, env: dict, *overrides) -> subprocess.Popen:
+    command = ["bash", str(REPO / "slurm/pretrain.sbatch"), f"--config={config}", *overrides]
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def node_logs(run_dir: Path) -> list[str]:
+    return [(run_dir / f"logs/job{JOB}-node{node}.log").read_text() for node in (0, 1)]
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_teacher):
+    config = write_run_config(tmp_path, tiny_teacher, write_corpus(tmp_path / "corpus.txt"))
+    run_dir = tmp_path / "run"
+    return config, run_dir, sbatch_env(run_dir, tmp_path)
+
+
+def test_two_nodes_share_one_world_and_one_queue(setup):
+    config, run_dir, env = setup
+    job = sbatch(config, env)
+    output, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, output[-3000:] + "\n".join(node_logs(run_dir))[-4000:]
+    first, second = node_logs(run_dir)
+    assert "node_rank=0" in first and "node_rank=1" in second  # one launcher per node
+    assert "world 2" in first and "nnodes=2" in second
+    states = [torch.load(run_dir / f"checkpoints/step_6/rank_{r}.pt", weights_only=False) for r in (0, 1)]
+    assert states[0]["queue"]["filled"] == 24
+    assert torch.equal(states[0]["queue"]["features"], states[1]["queue"]["features"])  # negatives shared across nodes
+    assert (run_dir / "student/model.safetensors").is_file() and (run_dir / "tensorboard").is_dir()
+
+
+def test_sigusr1_checkpoints_stops_requeues_and_the_next_job_resumes(setup, tmp_path):
+    config, run_dir, env = setup
+    job = sbatch(config, env, "--train.max_steps=400", "--checkpoint.every=5")
+    wait_for(run_dir / "checkpoints/latest", job)
+    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, output[-3000:]
+    stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
+    assert 5 <= stopped < 400 and (run_dir / f"checkpoints/step_{stopped}/rank_1.pt").is_file()
+    assert f"stopped at step {stopped} on stop file" in node_logs(run_dir)[0]
+    assert not (run_dir / "student").exists()  # not finished: no export yet
+    assert (tmp_path / "scontrol.log").read_text() == f"requeue {JOB}\n"
+
+    requeued = sbatch(config, env, f"--train.max_steps={stopped + 3}", "--checkpoint.every=5")
+    output, _ = requeued.communicate(timeout=400)
+    assert requeued.returncode == 0, output[-3000:]
+    assert f"resumed from step_{stopped}" in node_logs(run_dir)[0]
+    assert (run_dir / "checkpoints/latest").read_text() == f"step_{stopped + 3}"
+    assert (run_dir / "student/model.safetensors").is_file()
+
+
+def test_a_dead_rank_ends_the_whole_job_with_an_error(setup):
+    config, run_dir, env = setup
+    job = sbatch(config, env, "--train.max_steps=100000", "--checkpoint.every=5", "--train.comm_timeout_minutes=0.5")
+    wait_for(run_dir / "checkpoints/latest", job)
+    victim = next(p for p in psutil.process_iter(["cmdline", "environ"])
+                  if "launch/pretrain.py" in " ".join(p.info["cmdline"] or []) and (p.info["environ"] or {}).get("RANK") == "1")
+    victim.kill()
+    started = time.time()
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0 and time.time() - started < 60, output[-3000:]
