@@ -271,6 +271,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise CodirError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin is list:
+        if isinstance(value, str) and value.startswith("[") and value.endswith("]"):  # `--data.files=[a.txt,b.txt]`
+            value = [item.strip().strip("'\"") for item in value[1:-1].split(",") if item.strip()]
         if isinstance(value, str) and args[0] is str:
             value = [value]
         if isinstance(value, tuple):

@@ -31,10 +31,10 @@ from .finetune_config import FinetuneConfig, FinetuneStudentConfig, TaskLossConf
 from .memory_bank import MemoryBank, fill_memory_bank
 from .metrics import compute_metrics
 from .models import ModelPlan, build_student, has_classifier_head, load_teacher, load_tokenizer, plan_models
-from .monitor import Monitor, averaged_scalars
+from .monitor import Monitor, average_terms, averaged_scalars
 from .negatives import NegativeQueue
 from .objective import contrastive_stats
-from .preemption import StopRequest, checkpoint_due
+from .preemption import StopRequest, end_of_step
 from .task_data import EpochBatches, Task, TaskData, collate, load_task_data, padded_shards, resolve_task
 from .task_distiller import TOKEN_LEVEL, ClassifierWithHeads, TaskLossWeights, TeacherTaskOutputs
 
@@ -113,17 +113,14 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
     steps_per_epoch = max(1, batches.per_epoch // cfg.train.gradient_accumulation_steps)
     for step in range(start + 1, last + 1):
         terms = [micro_step(run) for _ in range(cfg.train.gradient_accumulation_steps)]
-        run.losses.append({k: float(np.mean([t[k] for t in terms])) for k in terms[0]})
+        run.losses.append(average_terms(terms))
         samples = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size()
         monitor.step(step, samples, samples * cfg.task.max_seq_length, _scalars(run, step))
         if step == cfg.train.max_steps or step % (cfg.eval.every or steps_per_epoch) == 0:
             _evaluate_and_keep_best(run, step, monitor)
-        stopping = stop.agreed(student.device)
-        if checkpoint_due(step, last, cfg.checkpoint.every, stopping):
-            save_checkpoint(student, checkpoints, step, _rank_state(run), cfg.checkpoint.keep)
         done = step
-        if stopping:
-            stop.report(step)
+        if end_of_step(stop, step, last, cfg.checkpoint.every, student.device,
+                       lambda: save_checkpoint(student, checkpoints, step, _rank_state(run), cfg.checkpoint.keep)):
             break
     stop.close()
     monitor.close()
@@ -261,7 +258,9 @@ def build_task_student(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict, ta
 
 def _load_data_rank0_first(cfg: FinetuneConfig, task: Task, tokenizer) -> TaskData:
     """Rank 0 reads and tokenises first (bad data fails once, early); the other ranks reuse its cache."""
-    load = lambda: load_task_data(task, tokenizer, cfg.task.max_seq_length, cfg.task.max_train_examples, cfg.task.max_eval_examples)
+    def load() -> TaskData:
+        return load_task_data(task, tokenizer, cfg.task.max_seq_length, cfg.task.max_train_examples, cfg.task.max_eval_examples)
+
     data = load() if rank() == 0 else None
     barrier()
     return data if data is not None else load()

@@ -57,3 +57,8 @@ def averaged_scalars(local: dict[str, float], device: torch.device) -> dict[str,
     """This rank's step values averaged over all ranks, named for TensorBoard: `loss/<term>`, `codir/<statistic>`."""
     averaged = mean_over_ranks(torch.tensor(list(local.values()), dtype=torch.float64, device=device))
     return {(f"loss/{name}" if name in LOSS_TERMS else f"codir/{name}"): float(v) for name, v in zip(local, averaged)}
+
+
+def average_terms(micro_steps: list[dict[str, float]]) -> dict[str, float]:
+    """One optimizer step's values: the mean over its (gradient-accumulation) micro-steps."""
+    return {name: sum(terms[name] for terms in micro_steps) / len(micro_steps) for name in micro_steps[0]}

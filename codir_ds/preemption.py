@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,6 +41,16 @@ class StopRequest:
         if rank() == 0:
             print(f"codir-ds: stopped at step {step} on {self.received or 'another rank’s request'}; checkpoint step_{step} "
                   f"written; run the same command again to resume", flush=True)
+
+
+def end_of_step(stop: StopRequest, step: int, last: int, every: int, device: torch.device, save: Callable[[], object]) -> bool:
+    """Checkpoint when due (periodically, at the run's last step, or when stopping); True when the run must stop now."""
+    stopping = stop.agreed(device)
+    if checkpoint_due(step, last, every, stopping):
+        save()
+    if stopping:
+        stop.report(step)
+    return stopping
 
 
 def checkpoint_due(step: int, last: int, every: int, stopping: bool) -> bool:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
-import numpy as np
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
@@ -24,10 +23,10 @@ from .ds_config import load_ds_config
 from .engines import parameter_counts, student_engine, teacher_engine
 from .export import export_student, save_student_spec
 from .models import ModelPlan, build_student, load_teacher, load_tokenizer, plan_models
-from .monitor import Monitor, averaged_scalars
+from .monitor import Monitor, average_terms, averaged_scalars
 from .negatives import NegativeQueue
 from .objective import contrastive_stats
-from .preemption import StopRequest, checkpoint_due
+from .preemption import StopRequest, end_of_step
 
 
 @dataclass
@@ -73,16 +72,12 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     stop, done = StopRequest(cfg.stop_file), start
     for step in range(start + 1, last + 1):
         terms = [micro_step(run, stream, cfg) for _ in range(cfg.train.gradient_accumulation_steps)]
-        run.losses.append({k: float(np.mean([t[k] for t in terms])) for k in terms[0]})
+        run.losses.append(average_terms(terms))
         samples = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size()
         monitor.step(step, samples, samples * cfg.data.max_seq_length, _scalars(run, stream, step, cfg))
-        stopping = stop.agreed(student.device)
-        if checkpoint_due(step, last, cfg.checkpoint.every, stopping):
-            state = {"data": stream.state_dict(), "queue": queue.state_dict()}
-            save_checkpoint(student, checkpoints, step, state, cfg.checkpoint.keep)
         done = step
-        if stopping:
-            stop.report(step)
+        if end_of_step(stop, step, last, cfg.checkpoint.every, student.device,
+                       lambda: save_checkpoint(student, checkpoints, step, _rank_state(stream, queue), cfg.checkpoint.keep)):
             break
     stop.close()
     monitor.close()
@@ -108,6 +103,10 @@ def micro_step(run: PretrainRun, stream: PackedMLMStream, cfg: PretrainConfig) -
     run.queue.enqueue(batch_features)
     stats = contrastive_stats(logits, positive_index, cfg.codir.temperature)
     return {**{name: value.item() for name, value in terms.items()}, **stats}
+
+
+def _rank_state(stream: PackedMLMStream, queue: NegativeQueue) -> dict:
+    return {"data": stream.state_dict(), "queue": queue.state_dict()}
 
 
 def _scalars(run: PretrainRun, stream: PackedMLMStream, step: int, cfg: PretrainConfig) -> dict[str, float]:

@@ -27,14 +27,6 @@ class TaskSpec:
     hub: Optional[Layout] = None  # `datasets.load_dataset("glue", name)`
     hub_path: tuple[str, str] = field(default=("glue", ""))
 
-    @property
-    def regression(self) -> bool:
-        return self.labels is None
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
-
 
 def _pair(first: str, second: str, label: str, train="train.tsv", dev=("dev.tsv",)) -> Layout:
     return Layout((first, second), label, train, dev)

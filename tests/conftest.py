@@ -78,3 +78,10 @@ def run_deepspeed(script: Path, args: list[str], ranks: int = 2, timeout: int = 
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def launch_worker(worker: Path, config: Path, out: Path, *extra: str) -> tuple[dict, dict]:
+    """Run a test worker on 2 ranks; return the facts each rank wrote to `out/rank{r}.json`."""
+    result = run_deepspeed(worker, [f"--config={config}", f"--out={out}", *extra], ranks=2)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return read_json(out / "rank0.json"), read_json(out / "rank1.json")

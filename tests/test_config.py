@@ -34,6 +34,12 @@ def test_yaml_file_and_dotted_overrides(tmp_path, tiny_teacher):
     assert cfg.data.files == ["corpus.txt"] and cfg.codir.queue_length == 4096  # defaults kept
 
 
+def test_a_bracketed_list_from_the_command_line_is_a_list(tmp_path, tiny_teacher):
+    # fire hands `--data.files=[/data/a.jsonl,/data/b.jsonl]` over as one string: paths are not Python literals
+    cfg = load_config(PretrainConfig, None, {"teacher.path": str(tiny_teacher), "data.files": "[/data/a.jsonl, '/data/b.jsonl']"})
+    assert cfg.data.files == ["/data/a.jsonl", "/data/b.jsonl"]
+
+
 def test_unknown_key_names_the_closest_valid_key(tmp_path, tiny_teacher):
     message = error_of(lambda: load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"codir.temprature": 0.1}))
     assert message == "unknown config key 'codir.temprature'; did you mean 'codir.temperature'?"

@@ -1,7 +1,7 @@
 """Stage 2 on 2 real CPU ranks (deepspeed launcher): ZeRO-3 teacher, memory bank or queue, shared evaluation."""
 import pytest
 
-from conftest import REPO, read_json, run_deepspeed
+from conftest import REPO, launch_worker
 from stage2 import save_task_teacher, write_task, write_task_config
 
 pytestmark = pytest.mark.multirank
@@ -9,9 +9,7 @@ WORKER = REPO / "tests/workers/finetune_worker.py"
 
 
 def launch(config, out, *extra):
-    result = run_deepspeed(WORKER, [f"--config={config}", f"--out={out}", *extra], ranks=2)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return read_json(out / "rank0.json"), read_json(out / "rank1.json")
+    return launch_worker(WORKER, config, out, *extra)
 
 
 @pytest.mark.parametrize("negatives", ["bank", "queue"])

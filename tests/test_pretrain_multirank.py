@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import REPO, read_json, run_deepspeed
+from conftest import REPO, launch_worker
 from stage1 import tensorboard_scalars, write_corpus, write_run_config
 
 pytestmark = pytest.mark.multirank
@@ -16,9 +16,7 @@ WORKER = REPO / "tests/workers/pretrain_worker.py"
 
 
 def launch(config, out, *extra):
-    result = run_deepspeed(WORKER, [f"--config={config}", f"--out={out}", *extra], ranks=2)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return read_json(out / "rank0.json"), read_json(out / "rank1.json")
+    return launch_worker(WORKER, config, out, *extra)
 
 
 def test_zero2_run_lowers_loss_keeps_teacher_frozen_and_sharded_and_logs_everything(tmp_path, tiny_teacher):
