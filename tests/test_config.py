@@ -6,7 +6,7 @@ import pytest
 from codir_ds.config import PretrainConfig, load_config
 from codir_ds.errors import CodirError
 from codir_ds.models import plan_models
-from conftest import save_tiny_model, tiny_bert_config
+from conftest import tiny_bert_config
 
 
 def base(tmp_path, teacher, **sections):

@@ -1,7 +1,7 @@
 """Student initialisation from teacher layers, and tokenizer checks."""
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM
 from safetensors.torch import load_file
 
 from codir_ds.config import StudentConfig

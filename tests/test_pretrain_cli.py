@@ -1,5 +1,4 @@
 """`launch/pretrain.py` as a user runs it (one process): bad input gives one line and exit code 2."""
-import json
 import subprocess
 import sys
 
