@@ -22,8 +22,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from codir_ds.config import load_config
-from codir_ds.finetune import FinetuneRun, build_memory_bank, micro_step, run_finetuning
-from codir_ds.finetune_config import FinetuneConfig
+from codir_ds.finetune.config import FinetuneConfig
+from codir_ds.finetune.run import FinetuneRun, build_memory_bank, micro_step, run_finetuning
 
 SHAPES = {  # teacher depth x width; the student keeps half the layers
     "tiny": dict(layers=4, hidden=64, heads=4, seq=32, batch=16),
@@ -60,8 +60,8 @@ def build_run(folder: Path, teacher: Path, train: Path, dev: Path, shape: dict, 
         "teacher.path": str(teacher), "teacher.live": True, "teacher.zero3": False,
         "student.init": "teacher_layers", "train.micro_batch_size": shape["batch"], "train.max_steps": 10_000,
         "train.deepspeed_config": "ds_configs/cpu_zero0.json", "eval.every": 10_000,
-        "logging.progress_bar": False, "checkpoint.every": 0, "output.dir": str(folder), "output.export": False,
-        "loss.kd": 0.5 if distil else 0.0, "loss.codir": 1.0 if distil else 0.0,
+        "checkpoint.every": 0, "output.dir": str(folder), "output.export": False,
+        "loss.alpha": 0.5 if distil else 0.0, "loss.beta": 1.0 if distil else 0.0,
     }
     return run_finetuning(load_config(FinetuneConfig, None, overrides), stop_after=1)
 

@@ -20,13 +20,14 @@ import fire
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
-from codir_ds.config import PretrainConfig, load_config
+from codir_ds.config import load_config
 from codir_ds.distributed import init_distributed
 from codir_ds.ds_config import load_ds_config
+from codir_ds.losses import ProjectionHeads, contrastive_logits, info_nce
 from codir_ds.models import plan_models
 from codir_ds.negatives import NegativeQueue
-from codir_ds.objective import ProjectionHeads, contrastive_logits, info_nce
-from codir_ds.pretrain import PretrainRun, build_student_engine, build_teacher_engine, loss_weights, micro_step
+from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.pretrain.run import PretrainRun, build_student_engine, build_teacher_engine, loss_weights, micro_step
 from codir_ds.representations import layer_features
 
 SHAPES = {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import fire
 
@@ -13,9 +14,10 @@ from .errors import CodirError
 
 def pretrain(config: str | None = None, local_rank: int | None = None, **overrides: Any) -> None:
     """Stage 1. `config`: a JSON/YAML run config; any key can be overridden as --section.key=value."""
-    from .config import PretrainConfig, load_config
+    from .config import load_config
     from .distributed import shutdown
-    from .pretrain import run_pretraining
+    from .pretrain.config import PretrainConfig
+    from .pretrain.run import run_pretraining
 
     run_pretraining(load_config(PretrainConfig, config, overrides))
     shutdown()
@@ -26,8 +28,8 @@ def finetune(command: str = "distill", config: str | None = None, local_rank: in
     `teacher`: finetune `teacher.path` on the task first (exported to <output.dir>/teacher)."""
     from .config import load_config
     from .distributed import shutdown
-    from .finetune import run_finetuning, teacher_training_config
-    from .finetune_config import FinetuneConfig
+    from .finetune.config import FinetuneConfig
+    from .finetune.run import run_finetuning, teacher_training_config
 
     if command not in ("distill", "teacher"):
         raise CodirError(f"unknown finetune command {command!r}; use 'distill' (the default) or 'teacher'")
@@ -62,7 +64,7 @@ def demo_finetune(out_dir: str = "runs/demo_rt", student: str = "runs/demo/stude
 
 def report(teacher: str, student: str, batch_size: int = 32, seq_length: int = 64) -> None:
     """Compare two stage-2 exports: dev score, parameters and inference speed."""
-    from .report import compare_teacher_student
+    from .finetune.report import compare_teacher_student
 
     compare_teacher_student(teacher, student, batch_size, seq_length)
 

@@ -9,9 +9,9 @@ import difflib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -34,31 +34,11 @@ class StudentConfig:
 
 @dataclass
 class CodirConfig:
-    layer_map: Optional[list[int]] = None  # teacher layer (1-based) per student layer; None = uniform
+    layer_map: list[int] | None = None  # teacher layer (1-based) per student layer; None = uniform
     pooling: Literal["mean", "cls"] = "mean"
     projection_dim: int = 128
     temperature: float = 0.07
     queue_length: int = 4096
-
-
-@dataclass
-class LossConfig:
-    mlm: float = 1.0  # weight of the student's masked-LM loss
-    kd: float = 0.5  # alpha: KD on MLM logits; set to 0 (with a notice) when the teacher has no MLM head
-    kd_temperature: float = 2.0
-    codir: float = 1.0  # beta: contrastive loss on intermediate representations
-
-
-@dataclass
-class DataConfig:
-    files: list[str] = field(default_factory=list)  # local text/json/jsonl/parquet files
-    dataset: str = ""  # a `datasets` hub name instead of files (needs a network)
-    dataset_config: str = ""
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = False  # read lazily: for corpora larger than memory
-    max_seq_length: int = 128
-    mlm_probability: float = 0.15
 
 
 @dataclass
@@ -75,9 +55,9 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 10  # steps between TensorBoard scalars
+    RENAMED: ClassVar[dict[str, str]] = {"progress_bar": "removed: codir-ds prints one plain line every logging.every steps"}
+    every: int = 10  # steps between TensorBoard scalars and log lines
     tensorboard_dir: str = ""  # default: <output.dir>/tensorboard
-    progress_bar: bool = True
 
 
 @dataclass
@@ -113,36 +93,6 @@ class RunPaths:
     @property
     def stop_file(self) -> Path:
         return Path(self.checkpoint.stop_file or self.checkpoint_dir / "STOP")
-
-
-@dataclass
-class PretrainConfig(RunPaths):
-    """Stage 1: CoDIR pre-training distillation."""
-
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    codir: CodirConfig = field(default_factory=CodirConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-
-    def validate(self) -> None:
-        """Reject impossible values that need no model to detect."""
-        validate_models(self.teacher, self.student)
-        validate_codir(self.codir)
-        for name in ("mlm", "kd", "codir"):
-            at_least(getattr(self.loss, name), 0, f"loss.{name}")
-        positive(self.loss.kd_temperature, "loss.kd_temperature")
-        if not self.data.files and not self.data.dataset:
-            raise CodirError("data.files: give local corpus files (or data.dataset, a hub name)")
-        at_least(self.data.max_seq_length, 8, "data.max_seq_length")
-        if not 0 < self.data.mlm_probability < 1:
-            raise CodirError(f"data.mlm_probability: {self.data.mlm_probability} is not in (0, 1)")
-        at_least(self.train.max_steps, 1, "train.max_steps")
-        validate_run(self.train, self.logging, self.checkpoint)
 
 
 def validate_models(teacher: TeacherConfig, student: StudentConfig) -> None:
@@ -241,7 +191,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise CodirError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    renamed = getattr(cls, "RENAMED", {})
     for key in raw:
+        if key in renamed:
+            raise CodirError(f"config key '{prefix}{key}' is no more: {renamed[key]}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"

@@ -9,8 +9,8 @@ import importlib.util
 import json
 import random
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mwparserfromhell
 import yaml

@@ -75,6 +75,12 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def print0(message: str) -> None:
+    """Print on rank 0 only, flushed (log lines of a multi-rank run appear once, in order)."""
+    if rank() == 0:
+        print(message, flush=True)
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

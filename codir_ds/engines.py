@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 import deepspeed
 from torch import nn

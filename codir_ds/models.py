@@ -5,16 +5,22 @@ import copy
 import dataclasses
 import json
 import re
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
-from .config import PretrainConfig, StudentConfig
-from .finetune_config import FinetuneConfig
+from .config import StudentConfig
 from .errors import CodirError, error_line
 from .layer_map import resolve_layer_map
 
@@ -37,8 +43,9 @@ class ModelPlan:
         return len(self.layer_map) * self.teacher_config.hidden_size
 
 
-def plan_models(cfg: PretrainConfig | FinetuneConfig) -> ModelPlan:
-    """Check teacher, student and layer map against each other; raise `CodirError` on any mismatch."""
+def plan_models(cfg) -> ModelPlan:
+    """Check teacher, student and layer map of a stage's run config (its `teacher`, `student` and `codir`
+    sections) against each other; raise `CodirError` on any mismatch."""
     teacher_config = read_model_config(cfg.teacher.path, "teacher.path")
     student_cfg = cfg.student
     if student_cfg.init == "teacher_layers" and not student_cfg.num_layers and cfg.codir.layer_map:

@@ -1,64 +1,72 @@
-"""Run monitoring on rank 0: TensorBoard scalars and a progress bar with loss and throughput."""
+"""Run monitoring: TensorBoard scalars and one plain log line every `logging.every` steps (rank 0 writes)."""
 from __future__ import annotations
 
+import datetime
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from .distributed import mean_over_ranks, rank
+from .distributed import mean_over_ranks, print0, rank
 
 LOSS_TERMS = ("total", "mlm", "ce", "kd", "codir", "mse", "mse_tokens", "cosine")
 
 
 class Monitor:
-    """Writes scalars every `every` steps (rank 0 only) and tracks throughput since the last write."""
+    """Every `every` steps: averages the step's values over ranks (the only host sync of a step), adds
+    throughput, writes TensorBoard scalars and prints one line (no carriage returns: fit for SLURM logs)."""
 
-    def __init__(self, log_dir: Path, total_steps: int, start_step: int, every: int, progress_bar: bool):
-        self.every = every
-        self.active = rank() == 0
-        self.writer = SummaryWriter(str(log_dir)) if self.active else None
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (self.active and progress_bar), dynamic_ncols=True)
-        self._since, self._samples, self._tokens = time.perf_counter(), 0, 0
+    def __init__(self, log_dir: Path, total_steps: int, start_step: int, every: int):
+        self.every, self.total, self.start = every, total_steps, start_step
+        self.writer = SummaryWriter(str(log_dir)) if rank() == 0 else None
+        self._began = self._since = time.perf_counter()
+        self._samples = self._tokens = 0
 
-    def step(self, step: int, samples: int, tokens: int, scalars: dict[str, float]) -> None:
-        """Record one optimizer step of `samples` sequences / `tokens` tokens across all ranks."""
+    def step(self, step: int, samples: int, tokens: int, terms: dict[str, torch.Tensor],
+             extra: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Record one optimizer step of `samples` sequences / `tokens` tokens across all ranks. On logging steps,
+        write the scalars and return the step's `terms` averaged over ranks, else {}. Every rank calls it:
+        a logging step holds one all-reduce."""
         self._samples += samples
         self._tokens += tokens
-        self.bar.update(1)
-        if step % self.every:
-            return
-        elapsed = max(time.perf_counter() - self._since, 1e-9)
-        scalars = {**scalars, "throughput/samples_per_s": self._samples / elapsed, "throughput/tokens_per_s": self._tokens / elapsed}
-        self._since, self._samples, self._tokens = time.perf_counter(), 0, 0
+        if step % self.every and step != self.total:
+            return {}
+        now = time.perf_counter()
+        elapsed = max(now - self._since, 1e-9)
+        averaged = mean_over_ranks(torch.stack([value.detach().double() for value in terms.values()]))
+        values = {name: float(value) for name, value in zip(terms, averaged)}
+        scalars = {**{_scalar_name(name): value for name, value in values.items()}, **extra(),
+                   "throughput/samples_per_s": self._samples / elapsed, "throughput/tokens_per_s": self._tokens / elapsed}
+        self._since, self._samples, self._tokens = now, 0, 0
         self.scalars(step, scalars)
-        if self.active:
-            self.bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", tok_s=f"{scalars['throughput/tokens_per_s']:.0f}")
+        eta = (now - self._began) / (step - self.start) * (self.total - step)
+        losses = " ".join(f"{name.removeprefix('loss/')} {value:.4f}" for name, value in scalars.items() if name.startswith("loss/"))
+        print0(f"codir-ds: step {step}/{self.total} {losses} | {scalars['throughput/tokens_per_s']:,.0f} tokens/s "
+               f"| ETA {datetime.timedelta(seconds=round(eta))}")
+        return values
 
     def scalars(self, step: int, scalars: dict[str, float]) -> None:
         """Write extra scalars (e.g. evaluation results) at `step`."""
-        if self.active:
+        if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
 
     def text(self, tag: str, text: str) -> None:
-        if self.active:
+        if self.writer is not None:
             self.writer.add_text(tag, text)
 
     def close(self) -> None:
-        self.bar.close()
-        if self.active:
+        if self.writer is not None:
             self.writer.close()
 
 
-def averaged_scalars(local: dict[str, float], device: torch.device) -> dict[str, float]:
-    """This rank's step values averaged over all ranks, named for TensorBoard: `loss/<term>`, `codir/<statistic>`."""
-    averaged = mean_over_ranks(torch.tensor(list(local.values()), dtype=torch.float64, device=device))
-    return {(f"loss/{name}" if name in LOSS_TERMS else f"codir/{name}"): float(v) for name, v in zip(local, averaged)}
+def _scalar_name(term: str) -> str:
+    """TensorBoard name of a step value: `loss/<term>` for loss terms, `codir/<statistic>` for the rest."""
+    return f"loss/{term}" if term in LOSS_TERMS else f"codir/{term}"
 
 
-def average_terms(micro_steps: list[dict[str, float]]) -> dict[str, float]:
-    """One optimizer step's values: the mean over its (gradient-accumulation) micro-steps."""
-    return {name: sum(terms[name] for terms in micro_steps) / len(micro_steps) for name in micro_steps[0]}
+def average_terms(micro_steps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One optimizer step's values: the mean over its (gradient-accumulation) micro-steps, still on the device."""
+    return {name: torch.stack([terms[name] for terms in micro_steps]).mean() for name in micro_steps[0]}

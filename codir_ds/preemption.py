@@ -3,12 +3,12 @@ every rank stop at the same step boundary, after a checkpoint."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .distributed import any_rank, rank
+from .distributed import any_rank, print0, rank
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -38,9 +38,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def report(self, step: int) -> None:
-        if rank() == 0:
-            print(f"codir-ds: stopped at step {step} on {self.received or 'another rank’s request'}; checkpoint step_{step} "
-                  f"written; run the same command again to resume", flush=True)
+        print0(f"codir-ds: stopped at step {step} on {self.received or 'another rank’s request'}; checkpoint step_{step} "
+                f"written; run the same command again to resume")
 
 
 def end_of_step(stop: StopRequest, step: int, last: int, every: int, device: torch.device, save: Callable[[], object]) -> bool:

@@ -1,7 +1,7 @@
 """Pooled intermediate representations: hidden states in, one feature vector per sequence out."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -24,18 +24,18 @@ import fire
 
 from codir_ds.config import load_config
 from codir_ds.demo import minilm_path, write_rotten_tomatoes
-from codir_ds.finetune import run_finetuning, teacher_training_config
-from codir_ds.finetune_config import FinetuneConfig
+from codir_ds.finetune.config import FinetuneConfig
+from codir_ds.finetune.run import run_finetuning, teacher_training_config
 
 VARIANTS = {  # name: (description, overrides)
-    "ce": ("CE only", {"loss.kd": 0.0, "loss.codir": 0.0}),
-    "kd": ("CE + KD", {"loss.kd": 0.5, "loss.codir": 0.0}),
-    "kd_mse": ("CE + KD + MSE (PKD: normalised pooled states, beta 100)", {"loss.kd": 0.5, "loss.intermediate": "mse", "loss.codir": 100.0}),
-    "kd_mse_tokens": ("CE + KD + MSE on token states (beta 1)", {"loss.kd": 0.5, "loss.intermediate": "mse_tokens", "loss.codir": 1.0}),
-    "kd_cosine": ("CE + KD + cosine (DistilBERT, beta 1)", {"loss.kd": 0.5, "loss.intermediate": "cosine", "loss.codir": 1.0}),
-    "kd_codir": ("CE + KD + CoDIR (beta 1, tau 0.07, K 100 label-aware)", {"loss.kd": 0.5, "loss.intermediate": "codir", "loss.codir": 1.0}),
+    "ce": ("CE only", {"loss.alpha": 0.0, "loss.beta": 0.0}),
+    "kd": ("CE + KD", {"loss.alpha": 0.5, "loss.beta": 0.0}),
+    "kd_mse": ("CE + KD + MSE (PKD: normalised pooled states, beta 100)", {"loss.alpha": 0.5, "loss.intermediate": "mse", "loss.beta": 100.0}),
+    "kd_mse_tokens": ("CE + KD + MSE on token states (beta 1)", {"loss.alpha": 0.5, "loss.intermediate": "mse_tokens", "loss.beta": 1.0}),
+    "kd_cosine": ("CE + KD + cosine (DistilBERT, beta 1)", {"loss.alpha": 0.5, "loss.intermediate": "cosine", "loss.beta": 1.0}),
+    "kd_codir": ("CE + KD + CoDIR (beta 1, tau 0.07, K 100 label-aware)", {"loss.alpha": 0.5, "loss.intermediate": "codir", "loss.beta": 1.0}),
     "kd_codir_b01": ("CE + KD + CoDIR (beta 0.1, tau 0.07, K 100 label-aware; beta from the sweep)",
-                     {"loss.kd": 0.5, "loss.intermediate": "codir", "loss.codir": 0.1}),
+                     {"loss.alpha": 0.5, "loss.intermediate": "codir", "loss.beta": 0.1}),
 }
 EMBEDDED = {  # the embedded setting; overridable key by key
     "task.name": "custom", "task.labels": ["rotten", "fresh"], "task.max_seq_length": 48,
@@ -43,7 +43,7 @@ EMBEDDED = {  # the embedded setting; overridable key by key
     "codir.negatives": "bank", "codir.num_negatives": 100,
     "train.deepspeed_config": "ds_configs/cpu_zero0.json", "train.micro_batch_size": 32, "train.lr": 1e-4,
     "train.epochs": 2, "train.warmup_steps": 10, "teacher.zero3": False,
-    "eval.every": 40, "eval.batch_size": 128, "logging.every": 10, "logging.progress_bar": False,
+    "eval.every": 40, "eval.batch_size": 128, "logging.every": 10,
     "checkpoint.every": 0, "output.export": False,
 }
 
@@ -66,7 +66,7 @@ def sweep(beta: str = "0.1,1", tau: str = "0.07,0.2", k: str = "16,100", seeds: 
     base = {**EMBEDDED, **_embedded_task(Path(out), train_examples, dev_examples, overrides), **overrides}
     runs = []
     for b, t, negatives in itertools.product(*(_values(v) for v in (beta, tau, k))):
-        settings = {"loss.kd": 0.5, "loss.intermediate": "codir", "loss.codir": float(b),
+        settings = {"loss.alpha": 0.5, "loss.intermediate": "codir", "loss.beta": float(b),
                     "codir.temperature": float(t), "codir.num_negatives": int(negatives)}
         runs.append((f"beta{b}_tau{t}_k{negatives}", f"CE + KD + CoDIR, beta {b}, tau {t}, K {negatives}", settings))
     return _run_all(runs, seeds, Path(out), base, title="setting")

@@ -3,9 +3,8 @@ import json
 import random
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import WORDS
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def write_corpus(path: Path, documents: int = 300, seed: int = 0) -> Path:
@@ -25,7 +24,7 @@ def write_run_config(folder: Path, teacher: Path, corpus: Path, **sections) -> P
         "data": {"files": [str(corpus)], "max_seq_length": 32},
         "codir": {"queue_length": 24, "projection_dim": 16},
         "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 0.002},
-        "logging": {"every": 1, "progress_bar": False},
+        "logging": {"every": 1},
         "checkpoint": {"every": 3},
         "output": {"dir": str(folder / "out")},
     }

@@ -5,9 +5,8 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import BertForSequenceClassification
-
 from conftest import WORDS, tiny_bert_config, write_tokenizer
+from transformers import BertForSequenceClassification
 
 POSITIVE, NEGATIVE = WORDS[:6], WORDS[6:12]
 
@@ -44,7 +43,7 @@ def write_task_config(folder: Path, teacher: Path, train_file: Path, dev_file: P
         "codir": {"projection_dim": 16, "num_negatives": 8, "queue_length": 32},
         "train": {"micro_batch_size": 8, "epochs": 1, "lr": 0.001},
         "eval": {"batch_size": 16},
-        "logging": {"every": 1, "progress_bar": False},
+        "logging": {"every": 1},
         "checkpoint": {"every": 0},
         "output": {"dir": str(folder / "out")},
     }

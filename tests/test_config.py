@@ -2,11 +2,12 @@
 import json
 
 import pytest
+from conftest import tiny_bert_config
 
-from codir_ds.config import PretrainConfig, load_config
+from codir_ds.config import load_config
 from codir_ds.errors import CodirError
 from codir_ds.models import plan_models
-from conftest import tiny_bert_config
+from codir_ds.pretrain.config import PretrainConfig
 
 
 def base(tmp_path, teacher, **sections):

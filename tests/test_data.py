@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from stage1 import write_corpus
 from transformers import AutoTokenizer
 
-from codir_ds.config import DataConfig
-from codir_ds.data import PackedMLMStream, load_corpus
 from codir_ds.errors import CodirError
-from stage1 import write_corpus
+from codir_ds.pretrain.config import DataConfig
+from codir_ds.pretrain.data import PackedMLMStream, load_corpus
 
 
 def stream(tiny_teacher, files, rank=0, world=1, batch=4, **data):

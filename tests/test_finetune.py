@@ -5,15 +5,15 @@ import subprocess
 import sys
 
 import pytest
-from transformers import AutoConfig
-
-from codir_ds.config import load_config
-from codir_ds.finetune import run_finetuning, teacher_training_config
-from codir_ds.finetune_config import FinetuneConfig
 from conftest import REPO, child_env, save_tiny_model
 from stage1 import tensorboard_scalars
 from stage2 import save_task_teacher, write_task, write_task_config
 from test_pretrain_cli import one_line_error
+from transformers import AutoConfig
+
+from codir_ds.config import load_config
+from codir_ds.finetune.config import FinetuneConfig
+from codir_ds.finetune.run import run_finetuning, teacher_training_config
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_cli_teacher_command_needs_no_student_section(tmp_path, task, tiny_teach
 
 @pytest.mark.parametrize("intermediate, teacher_kept", [("mse", False), ("mse_tokens", True), ("cosine", True)])
 def test_baseline_intermediate_losses_train_through_the_same_loop(tmp_path, task_teacher, task, intermediate, teacher_kept):
-    run = run_finetuning(config(tmp_path, task_teacher, task, **{"loss.intermediate": intermediate, "loss.codir": 10.0,
+    run = run_finetuning(config(tmp_path, task_teacher, task, **{"loss.intermediate": intermediate, "loss.beta": 10.0,
                                                                  "train.epochs": 2, "train.lr": 0.003}))
     assert (run.teacher is not None) == teacher_kept and run.student.module.heads is None  # no CoDIR heads trained
     values = [step[intermediate] for step in run.losses]

@@ -1,6 +1,5 @@
 """Stage 2 on 2 real CPU ranks (deepspeed launcher): ZeRO-3 teacher, memory bank or queue, shared evaluation."""
 import pytest
-
 from conftest import REPO, launch_worker
 from stage2 import save_task_teacher, write_task, write_task_config
 
@@ -21,7 +20,7 @@ def test_two_rank_finetune_distillation(tmp_path, negatives):
     first, second = launch(config, tmp_path)
     assert first["steps"] == 12  # 100 // (8 x 2 ranks) = 6 steps per epoch
     assert len(first["losses"]) == len(second["losses"]) == 12
-    assert first["losses"] != second["losses"]  # each rank trained on its own half of every global batch
+    assert first["losses"] == second["losses"]  # logged values are averaged over the ranks
     assert first["evals"] == second["evals"] and [e["step"] for e in first["evals"]] == [3, 6, 9, 12]
     assert first["best"] == second["best"] and (tmp_path / "out/student/model.safetensors").is_file()
     if negatives == "bank":  # both ranks hold the whole bank, exactly the teacher's outputs

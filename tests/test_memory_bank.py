@@ -1,13 +1,13 @@
 """The memory bank: label-aware sampling, exact teacher outputs, and even sharding over ranks."""
 import pytest
 import torch
+from stage2 import save_task_teacher
 from transformers import AutoModelForSequenceClassification
 
 from codir_ds.errors import CodirError
-from codir_ds.memory_bank import MemoryBank, fill_memory_bank
-from codir_ds.task_data import padded_shards
-from codir_ds.task_distiller import TeacherTaskOutputs
-from stage2 import save_task_teacher
+from codir_ds.finetune.data import padded_shards
+from codir_ds.finetune.memory_bank import MemoryBank, fill_memory_bank
+from codir_ds.finetune.modules import TeacherTaskOutputs
 
 
 def bank_with(labels, regression=False):

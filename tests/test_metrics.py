@@ -4,7 +4,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from codir_ds.metrics import accuracy, compute_metrics, f1, matthews, pearson, spearman
+from codir_ds.finetune.metrics import accuracy, compute_metrics, f1, matthews, pearson, spearman
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,13 +1,13 @@
 """Student initialisation from teacher layers, and tokenizer checks."""
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM
+from conftest import save_tiny_model, write_tokenizer
 from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM
 
 from codir_ds.config import StudentConfig
 from codir_ds.errors import CodirError
 from codir_ds.models import build_student, check_same_tokenizer, has_mlm_head, load_teacher, read_model_config, student_model_config
-from conftest import save_tiny_model, write_tokenizer
 
 
 def test_student_copies_exactly_the_mapped_teacher_layers(tiny_teacher):

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codir_ds.objective import (ProjectionHeads, contrastive_logits, contrastive_stats, info_nce, pooled_mse, token_cosine,
-                               token_mse)
+from codir_ds.losses import ProjectionHeads, contrastive_logits, contrastive_stats, info_nce, pooled_mse, token_cosine, token_mse
 
 
 def reference_info_nce(anchors, candidates, positives, tau, anchor_labels=None, candidate_labels=None):
@@ -107,7 +106,7 @@ def test_baseline_intermediate_losses_match_their_definitions():
     student, teacher = torch.randn(5, 3 * 8, dtype=torch.float64), torch.randn(5, 3 * 8, dtype=torch.float64)
     expected = sum(((s / s.norm() - t / t.norm()) ** 2).sum() for row_s, row_t in zip(student, teacher)
                    for s, t in zip(row_s.split(8), row_t.split(8))) / (5 * 3)
-    assert torch.allclose(pooled_mse(student, teacher, layers=3).double(), expected, rtol=1e-5)
+    assert torch.allclose(pooled_mse(student.unflatten(-1, (3, -1)), teacher.unflatten(-1, (3, -1))).double(), expected, rtol=1e-5)
 
     states_s, states_t = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 4, 6)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, child_env
 from stage1 import tensorboard_scalars, write_corpus, write_run_config
 

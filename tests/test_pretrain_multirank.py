@@ -6,9 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import REPO, launch_worker
+from safetensors import safe_open
 from stage1 import tensorboard_scalars, write_corpus, write_run_config
 
 pytestmark = pytest.mark.multirank

@@ -9,7 +9,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import REPO, child_env
 from stage1 import write_corpus, write_run_config
 

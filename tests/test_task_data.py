@@ -1,12 +1,12 @@
 """Task data: GLUE files as GLUE distributes them, custom CSVs, label mapping, per-rank batches, clear errors."""
 import pytest
 import torch
+from stage2 import write_task
 
 from codir_ds.errors import CodirError
-from codir_ds.finetune_config import TaskConfig
+from codir_ds.finetune.config import TaskConfig
+from codir_ds.finetune.data import EpochBatches, load_task_data, resolve_task
 from codir_ds.models import load_tokenizer
-from codir_ds.task_data import EpochBatches, load_task_data, resolve_task
-from stage2 import write_task
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from transformers import AutoModelForSequenceClassification
 
 from codir_ds.config import load_config
 from codir_ds.distributed import rank, shutdown
-from codir_ds.finetune import run_finetuning
-from codir_ds.finetune_config import FinetuneConfig
-from codir_ds.task_data import collate
+from codir_ds.finetune.config import FinetuneConfig
+from codir_ds.finetune.data import collate
+from codir_ds.finetune.run import run_finetuning
 
 
 def main(config: str, out: str, local_rank: int = 0, **overrides):

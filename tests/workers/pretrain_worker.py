@@ -6,9 +6,10 @@ import fire
 import torch
 from safetensors.torch import load_file
 
-from codir_ds.config import PretrainConfig, load_config
+from codir_ds.config import load_config
 from codir_ds.distributed import rank, shutdown
-from codir_ds.pretrain import run_pretraining
+from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.pretrain.run import run_pretraining
 
 
 def main(config: str, out: str, stop_after: int | None = None, probe: list | None = None, local_rank: int = 0, **overrides):

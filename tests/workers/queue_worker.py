@@ -1,9 +1,8 @@
 """Run by the deepspeed launcher: uneven per-rank batches through all_gather_rows into a NegativeQueue."""
 import json
 
-import fire
-
 import deepspeed
+import fire
 import torch
 from deepspeed.accelerator import get_accelerator
 

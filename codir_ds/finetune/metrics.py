@@ -1,7 +1,7 @@
 """Task metrics as pure functions of predictions and references (numpy arrays)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .errors import CodirError, error_line
-from .finetune_config import TaskConfig
+from ..errors import CodirError, error_line
+from .config import TaskConfig
 from .metrics import REGRESSION_METRICS
 from .tasks import ALIASES, GLUE_TASKS, Layout
 
@@ -25,8 +26,8 @@ class Source:
 
     name: str  # the split's name in logs: file stem or hub split
     file: str = ""
-    header: Optional[tuple[str, ...]] = None
-    hub: Optional[tuple[str, str]] = None
+    header: tuple[str, ...] | None = None
+    hub: tuple[str, str] | None = None
     split: str = ""
 
 
@@ -37,7 +38,7 @@ class Task:
     name: str
     text_columns: tuple[str, ...]
     label_column: str
-    labels: Optional[tuple[str, ...]]
+    labels: tuple[str, ...] | None
     metrics: tuple[str, ...]
     train: Source
     dev: tuple[Source, ...]

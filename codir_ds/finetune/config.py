@@ -2,11 +2,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from .config import (CheckpointConfig, CodirConfig, LoggingConfig, OutputConfig, RunPaths, StudentConfig,
-                     TeacherConfig, TrainConfig, at_least, positive, validate_codir, validate_models, validate_run)
-from .errors import CodirError
+from ..config import (
+    CheckpointConfig,
+    CodirConfig,
+    LoggingConfig,
+    OutputConfig,
+    RunPaths,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    at_least,
+    positive,
+    validate_codir,
+    validate_models,
+    validate_run,
+)
+from ..errors import CodirError
 from .metrics import METRICS
 
 
@@ -45,9 +58,12 @@ class FinetuneCodirConfig(CodirConfig):
 
 @dataclass
 class TaskLossConfig:
-    kd: float = 0.5  # alpha in (1 - alpha) * CE + alpha * T^2 * KL
-    kd_temperature: float = 2.0
-    codir: float = 1.0  # beta: weight of the intermediate-layer loss below
+    """L = (1 - alpha) * CE + alpha * T^2 * KL + beta * intermediate."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"kd": "renamed loss.alpha (the KD mix)", "codir": "renamed loss.beta (the intermediate-loss weight)"}
+    alpha: float = 0.5  # mixes logit KD into CE: (1 - alpha) * CE + alpha * T^2 * KL
+    kd_temperature: float = 2.0  # T of the logit KD
+    beta: float = 1.0  # weight of the intermediate-layer loss below
     intermediate: Literal["codir", "mse", "mse_tokens", "cosine"] = "codir"  # baselines: PKD pooled MSE, token MSE, cosine
 
 
@@ -84,9 +100,9 @@ class FinetuneConfig(RunPaths):
         validate_models(self.teacher, self.student)
         validate_codir(self.codir)
         at_least(self.codir.num_negatives, 1, "codir.num_negatives")
-        if not 0 <= self.loss.kd <= 1:
-            raise CodirError(f"loss.kd: {self.loss.kd} is not in [0, 1] (it weighs KD against CE)")
-        at_least(self.loss.codir, 0, "loss.codir")
+        if not 0 <= self.loss.alpha <= 1:
+            raise CodirError(f"loss.alpha: {self.loss.alpha} is not in [0, 1] (it weighs KD against CE)")
+        at_least(self.loss.beta, 0, "loss.beta")
         positive(self.loss.kd_temperature, "loss.kd_temperature")
         if self.task.text_columns and not 1 <= len(self.task.text_columns) <= 2:
             raise CodirError(f"task.text_columns: {self.task.text_columns} must name one or two columns")
@@ -105,4 +121,4 @@ class FinetuneConfig(RunPaths):
     @property
     def distils(self) -> bool:
         """Whether the run needs the teacher at all (not for plain finetuning: alpha = beta = 0)."""
-        return self.loss.kd > 0 or self.loss.codir > 0
+        return self.loss.alpha > 0 or self.loss.beta > 0

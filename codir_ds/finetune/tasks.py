@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -13,7 +12,7 @@ class Layout:
     label_column: str
     train: str  # file name in task.data_dir, or hub split name
     dev: tuple[str, ...]  # one or more evaluation splits
-    header: Optional[tuple[str, ...]] = None  # column names of a file without a header row (CoLA)
+    header: tuple[str, ...] | None = None  # column names of a file without a header row (CoLA)
 
 
 @dataclass(frozen=True)
@@ -21,10 +20,10 @@ class TaskSpec:
     """One task: its label values (None for regression), its metrics (the first selects the best checkpoint)."""
 
     name: str
-    labels: Optional[tuple[str, ...]]
+    labels: tuple[str, ...] | None
     metrics: tuple[str, ...]
-    tsv: Optional[Layout] = None  # the TSV files as GLUE distributes them
-    hub: Optional[Layout] = None  # `datasets.load_dataset("glue", name)`
+    tsv: Layout | None = None  # the TSV files as GLUE distributes them
+    hub: Layout | None = None  # `datasets.load_dataset("glue", name)`
     hub_path: tuple[str, str] = field(default=("glue", ""))
 
 

@@ -2,11 +2,11 @@
 label-aware negative sampling from it."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .errors import CodirError
+from ..errors import CodirError
 
 
 class MemoryBank:

@@ -15,8 +15,8 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
+from ..errors import CodirError, error_line
 from .config import DataConfig
-from .errors import CodirError, error_line
 
 _BUILDERS = {".txt": "text", ".text": "text", ".cor": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _MAX_CHARS_PER_PIECE = 100_000  # very long documents are tokenised piecewise

@@ -13,30 +13,54 @@ import gc
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import deepspeed
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
-from .checkpoint import load_checkpoint, resolve_resume_tag, save_checkpoint, seed_everything
-from .config import config_to_dict
-from .distributed import all_gather_rows, barrier, init_distributed, rank, world_size
-from .ds_config import load_ds_config
-from .engines import parameter_counts, student_engine, teacher_engine
-from .errors import CodirError
-from .export import export_student, save_student_spec
-from .finetune_config import FinetuneConfig, FinetuneStudentConfig, TaskLossConfig
+from ..checkpoint import save_checkpoint, seed_everything
+from ..distributed import (
+    all_gather_rows,
+    barrier,
+    init_distributed,
+    print0,
+    rank,
+    world_size,
+)
+from ..ds_config import load_ds_config
+from ..engines import parameter_counts, student_engine, teacher_engine
+from ..errors import CodirError
+from ..export import export_student
+from ..loop import Stage, train
+from ..losses import INTERMEDIATE_LOSSES, contrastive_stats
+from ..models import (
+    ModelPlan,
+    build_student,
+    has_classifier_head,
+    load_teacher,
+    load_tokenizer,
+    plan_models,
+)
+from ..monitor import Monitor
+from ..negatives import NegativeQueue
+from .config import FinetuneConfig, FinetuneStudentConfig, TaskLossConfig
+from .data import (
+    EpochBatches,
+    Task,
+    TaskData,
+    collate,
+    load_task_data,
+    padded_shards,
+    resolve_task,
+)
 from .memory_bank import MemoryBank, fill_memory_bank
 from .metrics import compute_metrics
-from .models import ModelPlan, build_student, has_classifier_head, load_teacher, load_tokenizer, plan_models
-from .monitor import Monitor, average_terms, averaged_scalars
-from .negatives import NegativeQueue
-from .objective import contrastive_stats
-from .preemption import StopRequest, end_of_step
-from .task_data import EpochBatches, Task, TaskData, collate, load_task_data, padded_shards, resolve_task
-from .task_distiller import TOKEN_LEVEL, ClassifierWithHeads, TaskLossWeights, TeacherTaskOutputs
+from .modules import (
+    ClassifierWithHeads,
+    TaskLossWeights,
+    TeacherTaskOutputs,
+)
 
 BEST = "best"  # checkpoint tag of the best dev score; pruning never removes it
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -49,9 +73,9 @@ class FinetuneRun:
     cfg: FinetuneConfig
     data: TaskData
     student: deepspeed.DeepSpeedEngine
-    teacher: Optional[deepspeed.DeepSpeedEngine]  # None when not needed (cached bank, or plain finetuning)
-    bank: Optional[MemoryBank]
-    queue: Optional[NegativeQueue]
+    teacher: deepspeed.DeepSpeedEngine | None  # None when not needed (cached bank, or plain finetuning)
+    bank: MemoryBank | None
+    queue: NegativeQueue | None
     batches: EpochBatches
     sampler: torch.Generator  # draws the bank's negatives; part of the checkpoint
     losses: list[dict[str, float]] = field(default_factory=list)
@@ -66,7 +90,7 @@ class FinetuneRun:
 def teacher_training_config(cfg: FinetuneConfig) -> FinetuneConfig:
     """The config that finetunes the teacher itself on the task: CE only, starting from `teacher.path`."""
     student = FinetuneStudentConfig(init="checkpoint", checkpoint=cfg.teacher.path)
-    return dataclasses.replace(cfg, student=student, loss=TaskLossConfig(kd=0.0, codir=0.0, kd_temperature=cfg.loss.kd_temperature))
+    return dataclasses.replace(cfg, student=student, loss=TaskLossConfig(alpha=0.0, beta=0.0, kd_temperature=cfg.loss.kd_temperature))
 
 
 def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_name: str = "student") -> FinetuneRun:
@@ -85,7 +109,7 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
     cfg = dataclasses.replace(cfg, train=train_cfg)
     ds_config = load_ds_config(cfg.train, world_size())
 
-    token_level = cfg.loss.codir > 0 and cfg.loss.intermediate in TOKEN_LEVEL
+    token_level = cfg.loss.beta > 0 and INTERMEDIATE_LOSSES[cfg.loss.intermediate].teacher_input == "tokens"
     teacher = build_task_teacher(cfg, plan, ds_config, with_states=token_level) if cfg.distils else None
     bank = queue = None
     if cfg.distils and cfg.codir.negatives == "bank" and not token_level:
@@ -99,43 +123,38 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
     sampler = torch.Generator().manual_seed(cfg.train.seed + rank())
     run = FinetuneRun(cfg, data, student, teacher, bank, queue, batches, sampler)
 
-    checkpoints, start = cfg.checkpoint_dir, 0
-    tag = resolve_resume_tag(checkpoints, cfg.checkpoint.resume)
-    if tag:
-        start = _restore(run, load_checkpoint(student, checkpoints, tag))
-    elif rank() == 0:
-        save_student_spec(checkpoints, student.module.student, tokenizer)
-    monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every, cfg.logging.progress_bar)
-    _announce(run, plan, tag, monitor)
-
-    last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
-    stop, done = StopRequest(cfg.stop_file), start
-    steps_per_epoch = max(1, batches.per_epoch // cfg.train.gradient_accumulation_steps)
-    for step in range(start + 1, last + 1):
-        terms = [micro_step(run) for _ in range(cfg.train.gradient_accumulation_steps)]
-        run.losses.append(average_terms(terms))
-        samples = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size()
-        monitor.step(step, samples, samples * cfg.task.max_seq_length, _scalars(run, step))
-        if step == cfg.train.max_steps or step % (cfg.eval.every or steps_per_epoch) == 0:
-            _evaluate_and_keep_best(run, step, monitor)
-        done = step
-        if end_of_step(stop, step, last, cfg.checkpoint.every, student.device,
-                       lambda: save_checkpoint(student, checkpoints, step, _rank_state(run), cfg.checkpoint.keep)):
-            break
-    stop.close()
-    monitor.close()
-    if cfg.output.export and done == cfg.train.max_steps:
+    result = train(cfg, student, _stage(run, plan, steps_per_epoch=max(1, batches.per_epoch // cfg.train.gradient_accumulation_steps)),
+                   tokenizer, stop_after)
+    run.losses = result.history
+    if cfg.output.export and result.done == cfg.train.max_steps:
         _export(run, export_name)
     return run
 
 
-def micro_step(run: FinetuneRun, live_teacher: bool | None = None) -> dict[str, float]:
-    """One forward/backward/step on this rank's next micro-batch; returns its loss terms and CoDIR statistics."""
+def _stage(run: FinetuneRun, plan: ModelPlan, steps_per_epoch: int) -> Stage:
+    cfg = run.cfg
+    student_total, _ = parameter_counts(run.student.module.student)
+    intermediate = cfg.loss.intermediate if cfg.distils and cfg.loss.beta > 0 else "none"
+    negatives = f"{intermediate} ({cfg.codir.negatives} negatives)" if intermediate == "codir" else intermediate
+    summary = (f"task {run.task.name} ({len(run.data.train)} train, " + ", ".join(f"{k} {len(v)}" for k, v in run.data.dev.items())
+               + f"), student {student_total / 1e6:.2f}M params, layer map {plan.layer_map}, intermediate loss {negatives}, "
+               f"{cfg.train.max_steps} steps")
+
+    def after_step(step: int, monitor: Monitor) -> None:
+        if step == cfg.train.max_steps or step % (cfg.eval.every or steps_per_epoch) == 0:
+            _evaluate_and_keep_best(run, step, monitor)
+
+    return Stage(micro_step=lambda: micro_step(run), rank_state=lambda: _rank_state(run), restore=lambda state: _restore(run, state),
+                 scalars=lambda: _scalars(run), tokens_per_sample=cfg.task.max_seq_length, summary=summary, after_step=after_step)
+
+
+def micro_step(run: FinetuneRun, live_teacher: bool | None = None) -> dict[str, torch.Tensor]:
+    """One forward/backward/step on this rank's next micro-batch; its loss terms and CoDIR statistics, detached."""
     cfg, device = run.cfg, run.student.device
     batch = {k: v.to(device) for k, v in run.batches.next_batch().items()}
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     labels, idx = batch["labels"], batch["idx"]
-    teacher_logits, contrast, enqueue = None, {}, None
+    teacher_logits, target, enqueue = None, None, None
     if cfg.distils:
         live = run.teacher is not None if live_teacher is None else live_teacher
         if live:
@@ -143,23 +162,24 @@ def micro_step(run: FinetuneRun, live_teacher: bool | None = None) -> dict[str, 
                 features, teacher_logits, states = run.teacher(**inputs)
         else:
             features, teacher_logits, states = run.bank.features[idx], run.bank.logits[idx], None
-        if cfg.loss.codir == 0:
+        intermediate = INTERMEDIATE_LOSSES[cfg.loss.intermediate] if cfg.loss.beta > 0 else None
+        if intermediate is None:
             pass
-        elif cfg.loss.intermediate == "mse":
-            contrast = {"positives": features}
-        elif cfg.loss.intermediate in TOKEN_LEVEL:
-            contrast = {"teacher_states": states}
+        elif intermediate.teacher_input == "tokens":
+            target = {"states": states}
+        elif intermediate.compare is not None:
+            target = {"positives": features}
         elif run.bank is not None:
-            contrast = _bank_negatives(run, features, idx, labels)
+            target = _bank_negatives(run, features, idx, labels)
         else:
-            contrast, enqueue = _queue_candidates(run, features, labels)
-    terms, contrast_logits = run.student(**inputs, labels=labels, teacher_logits=teacher_logits, **contrast)
+            target, enqueue = _queue_candidates(run, features, labels)
+    terms, contrast = run.student(**inputs, labels=labels, teacher_logits=teacher_logits, target=target)
     run.student.backward(terms["total"])
     run.student.step()
     if enqueue is not None:
         run.queue.enqueue(*enqueue)
-    stats = contrastive_stats(*contrast_logits, cfg.codir.temperature) if contrast_logits else {}
-    return {**{name: value.item() for name, value in terms.items()}, **stats}
+    stats = contrastive_stats(*contrast, cfg.codir.temperature) if contrast else {}
+    return {**{name: value.detach() for name, value in terms.items()}, **stats}
 
 
 def _bank_negatives(run: FinetuneRun, features, idx, labels) -> dict:
@@ -191,7 +211,7 @@ def evaluate(run: FinetuneRun) -> dict[str, dict[str, float]]:
         logits, ids = [], []
         for indices, real in padded_shards(len(split), rank(), world_size(), run.cfg.eval.batch_size):
             batch = collate(split, indices, run.batches.tokenizer)
-            _, out = run.student(**{k: batch[k].to(run.student.device) for k in MODEL_INPUTS if k in batch})
+            out = run.student.module.predict(**{k: batch[k].to(run.student.device) for k in MODEL_INPUTS if k in batch})
             logits.append(all_gather_rows(out[:real].float())[0])
             ids.append(all_gather_rows(batch["idx"][:real].to(run.student.device))[0])
         order = torch.argsort(torch.cat(ids))
@@ -242,16 +262,15 @@ def build_memory_bank(teacher, data: TaskData, tokenizer, cfg: FinetuneConfig) -
     features, logits = fill_memory_bank(forward, shards, len(data.train), lambda rows: all_gather_rows(rows)[0])
     labels = torch.tensor(data.train["label"])
     bank = MemoryBank(features, logits, labels, data.task.regression)
-    if rank() == 0:
-        print(f"codir-ds: memory bank of {len(bank)} teacher features x {features.shape[1]} and logits "
-              f"({bank.nbytes / 2**20:.1f} MiB per rank)", flush=True)
+    print0(f"codir-ds: memory bank of {len(bank)} teacher features x {features.shape[1]} and logits "
+            f"({bank.nbytes / 2**20:.1f} MiB per rank)")
     return bank
 
 
 def build_task_student(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict, task: Task):
     student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map,
                             AutoModelForSequenceClassification, ignore_mismatched_sizes=True)
-    weights = TaskLossWeights(cfg.loss.kd, cfg.loss.kd_temperature, cfg.loss.codir, cfg.codir.temperature, task.regression, cfg.loss.intermediate)
+    weights = TaskLossWeights(cfg.loss.alpha, cfg.loss.kd_temperature, cfg.loss.beta, cfg.codir.temperature, task.regression, cfg.loss.intermediate)
     module = ClassifierWithHeads(student, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
     return student_engine(module, ds_config, cfg.train.deepspeed_config)
 
@@ -272,22 +291,16 @@ def _evaluate_and_keep_best(run: FinetuneRun, step: int, monitor: Monitor) -> No
     monitor.scalars(step, {f"eval/{split}/{metric}": value for split, values in results.items() for metric, value in values.items()})
     first_split, primary = next(iter(results)), run.task.metrics[0]
     score = results[first_split][primary]
-    if rank() == 0:
-        print(f"codir-ds: step {step}: " + ", ".join(f"{split} {metric} {value:.4f}" for split, values in results.items()
-                                                      for metric, value in values.items()), flush=True)
+    print0(f"codir-ds: step {step}: " + ", ".join(f"{split} {metric} {value:.4f}" for split, values in results.items()
+                                                    for metric, value in values.items()))
     if not run.best or score > run.best["score"]:
         run.best = {"step": step, "score": score, "metric": f"{first_split}/{primary}", "metrics": results}
         save_checkpoint(run.student, run.cfg.checkpoint_dir, step, _rank_state(run), run.cfg.checkpoint.keep, tag=BEST)
 
 
-def _scalars(run: FinetuneRun, step: int) -> dict[str, float]:
-    if step % run.cfg.logging.every:
-        return {}
-    scalars = averaged_scalars(run.losses[-1], run.student.device)
-    scalars["lr"] = run.student.get_lr()[0]
-    if run.queue is not None:
-        scalars["codir/queue_fill"] = run.queue.fill_fraction
-    return scalars
+def _scalars(run: FinetuneRun) -> dict[str, float]:
+    """Scalars beside the loss terms, on logging steps."""
+    return {"lr": run.student.get_lr()[0], **({"codir/queue_fill": run.queue.fill_fraction} if run.queue is not None else {})}
 
 
 def _rank_state(run: FinetuneRun) -> dict:
@@ -313,17 +326,3 @@ def _export(run: FinetuneRun, name: str) -> None:
         print(f"codir-ds: exported {name} (best {run.best.get('metric')} {run.best.get('score', float('nan')):.4f} "
               f"at step {run.best.get('step')}) to {out}", flush=True)
     barrier()
-
-
-def _announce(run: FinetuneRun, plan: ModelPlan, resumed_from: str | None, monitor: Monitor) -> None:
-    resolved = json.dumps(config_to_dict(run.cfg), separators=(",", ":"))
-    monitor.text("config", resolved)
-    if rank() == 0:
-        student_total, _ = parameter_counts(run.student.module.student)
-        intermediate = run.cfg.loss.intermediate if run.cfg.distils and run.cfg.loss.codir > 0 else "none"
-        negatives = f"{intermediate} ({run.cfg.codir.negatives} negatives)" if intermediate == "codir" else intermediate
-        print(f"codir-ds: config {resolved}", flush=True)
-        print(f"codir-ds: task {run.task.name} ({len(run.data.train)} train, "
-              + ", ".join(f"{k} {len(v)}" for k, v in run.data.dev.items())
-              + f"), student {student_total / 1e6:.2f}M params, layer map {plan.layer_map}, intermediate loss {negatives}, "
-              f"{run.cfg.train.max_steps} steps, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"), flush=True)

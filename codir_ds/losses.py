@@ -1,5 +1,10 @@
-"""The CoDIR objective: projection heads and student-anchored InfoNCE, as pure tensor functions."""
+"""Every loss codir-ds trains with, as pure tensor functions: CoDIR's projection heads and student-anchored
+InfoNCE, logit KD, the task losses of stage 2, and the intermediate-layer baselines (PKD pooled MSE, token MSE,
+cosine)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +53,17 @@ def info_nce(logits: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def contrastive_stats(logits: torch.Tensor, positive_index: torch.Tensor, temperature: float) -> dict[str, float]:
-    """Top-1 accuracy of picking the positive, and mean positive / negative cosine similarity."""
+def contrastive_stats(logits: torch.Tensor, positive_index: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """Top-1 accuracy of picking the positive, and mean positive / negative cosine similarity (0-d tensors)."""
     rows = torch.arange(len(logits), device=logits.device)
     positive = logits[rows, positive_index]
     negative_mask = torch.isfinite(logits)
     negative_mask[rows, positive_index] = False
     negatives = logits[negative_mask]
     return {
-        "top1_accuracy": (logits.argmax(dim=1) == positive_index).float().mean().item(),
-        "positive_similarity": (positive * temperature).mean().item(),
-        "negative_similarity": (negatives * temperature).mean().item() if negatives.numel() else float("nan"),
+        "top1_accuracy": (logits.argmax(dim=1) == positive_index).float().mean(),
+        "positive_similarity": (positive * temperature).float().mean(),
+        "negative_similarity": (negatives * temperature).float().mean(),  # NaN when there are none
     }
 
 
@@ -92,11 +97,11 @@ def task_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return logit_kd(student_logits, teacher_logits, temperature)
 
 
-def pooled_mse(student_features: torch.Tensor, teacher_features: torch.Tensor, layers: int) -> torch.Tensor:
+def pooled_mse(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """PKD's loss: squared distance of L2-normalised pooled states, summed over dimensions, averaged over
-    layers and batch. Features are [batch, layers * dim], one block per mapped layer (same width)."""
-    student = F.normalize(student_features.float().unflatten(-1, (layers, -1)), dim=-1)
-    teacher = F.normalize(teacher_features.float().unflatten(-1, (layers, -1)), dim=-1)
+    layers and batch. Features are [batch, layers, dim] (same width)."""
+    student = F.normalize(student_features.float(), dim=-1)
+    teacher = F.normalize(teacher_features.float(), dim=-1)
     return (student - teacher).pow(2).sum(-1).mean()
 
 
@@ -112,3 +117,19 @@ def token_cosine(student_states: torch.Tensor, teacher_states: torch.Tensor, att
     cosine = F.cosine_similarity(student_states.float(), teacher_states.float(), dim=-1)  # [batch, layers, seq]
     mask = attention_mask[:, None, :].float().expand_as(cosine)
     return ((1 - cosine) * mask).sum() / mask.sum()
+
+
+@dataclass(frozen=True)
+class IntermediateLoss:
+    """An intermediate-layer loss: what it needs from the teacher and, unless contrastive, its comparison."""
+
+    teacher_input: Literal["pooled", "tokens"]  # pooled features of the mapped layers (a memory bank can hold them) or token states
+    compare: Callable[..., torch.Tensor] | None = None  # (student, teacher[, attention_mask]) -> loss; None: CoDIR's InfoNCE
+
+
+INTERMEDIATE_LOSSES = {
+    "codir": IntermediateLoss("pooled"),  # contrastive: InfoNCE against negatives
+    "mse": IntermediateLoss("pooled", pooled_mse),  # PKD
+    "mse_tokens": IntermediateLoss("tokens", token_mse),  # TinyBERT-style hidden-state MSE
+    "cosine": IntermediateLoss("tokens", token_cosine),  # DistilBERT's cosine
+}

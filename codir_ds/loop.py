@@ -1,0 +1,83 @@
+"""The one training loop both stages run: resume -> announce -> micro-steps -> step end -> checkpoint/stop.
+
+A stage brings a `Stage`: its micro-step (one forward/backward/step returning detached loss tensors),
+the state its checkpoints carry beside DeepSpeed's, its extra scalars and an after-step hook (stage 2
+evaluates there). Everything else (resume, student spec, monitor, stop requests) is written once here.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, resolve_resume_tag, save_checkpoint
+from .config import config_to_dict
+from .distributed import print0, rank, world_size
+from .export import save_student_spec
+from .monitor import Monitor, average_terms
+from .preemption import StopRequest, end_of_step
+
+
+@dataclass
+class Stage:
+    """What a stage plugs into `train`."""
+
+    micro_step: Callable[[], dict[str, torch.Tensor]]  # one micro-batch: loss terms and statistics, detached
+    rank_state: Callable[[], dict[str, Any]]  # saved in this rank's checkpoint file
+    restore: Callable[[dict[str, Any]], None]  # inverse of rank_state
+    scalars: Callable[[], dict[str, float]]  # extra scalars at logging steps (lr, queue fill, ...)
+    tokens_per_sample: int
+    summary: str  # one line on what is trained, printed at start
+    after_step: Callable[[int, Monitor], None] = lambda step, monitor: None
+
+
+@dataclass
+class TrainResult:
+    """What the loop leaves: the first and last step of this run and the values (rank-averaged) of each logged step."""
+
+    start: int
+    done: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(cfg, engine, stage: Stage, tokenizer, stop_after: int | None = None) -> TrainResult:
+    """Run `cfg.train.max_steps` optimizer steps of `stage` on the student `engine` (or stop after `stop_after`
+    steps, or on a stop request), resuming from `cfg.checkpoint.resume`; checkpoints as `cfg.checkpoint` says."""
+    checkpoints, start = cfg.checkpoint_dir, 0
+    tag = resolve_resume_tag(checkpoints, cfg.checkpoint.resume)
+    if tag:
+        state = load_checkpoint(engine, checkpoints, tag)
+        stage.restore(state)
+        start = state["step"]
+    elif rank() == 0:
+        save_student_spec(checkpoints, engine.module.student, tokenizer)
+    monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every)
+    _announce(cfg, stage, tag, monitor)
+
+    accumulation = cfg.train.gradient_accumulation_steps
+    samples = cfg.train.micro_batch_size * accumulation * world_size()
+    last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
+    result, stop = TrainResult(start, start), StopRequest(cfg.stop_file)
+    for step in range(start + 1, last + 1):
+        terms = average_terms([stage.micro_step() for _ in range(accumulation)])  # tensors: no host sync here
+        logged = monitor.step(step, samples, samples * stage.tokens_per_sample, terms, stage.scalars)
+        if logged:
+            result.history.append(logged)
+        stage.after_step(step, monitor)
+        result.done = step
+        if end_of_step(stop, step, last, cfg.checkpoint.every, engine.device,
+                       lambda: save_checkpoint(engine, checkpoints, step, stage.rank_state(), cfg.checkpoint.keep)):
+            break
+    stop.close()
+    monitor.close()
+    return result
+
+
+def _announce(cfg, stage: Stage, resumed_from: str | None, monitor: Monitor) -> None:
+    resolved = config_to_dict(cfg)
+    monitor.text("config", str(resolved))
+    print0(f"codir-ds: config {resolved}")
+    print0(f"codir-ds: {stage.summary}, world {world_size()}, "
+           + (f"resumed from {resumed_from}" if resumed_from else "fresh start"))
