@@ -89,6 +89,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Give each rank its own random stream (dropout) after the models are built from the shared seed."""
+    per_rank = seed + 1_000_003 * (rank + 1)
+    torch.manual_seed(per_rank)
+    get_accelerator().manual_seed_all(per_rank)
+
+
 def rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),

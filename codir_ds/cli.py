@@ -41,6 +41,17 @@ def finetune(command: str = "distill", config: str | None = None, local_rank: in
     shutdown()
 
 
+def prepare(*sources: str, tokenizer: str = "", out: str = "", max_seq_length: int = 128, text_column: str = "text",
+            num_proc: int = 1, shard: str = "0/1", dataset_config: str = "", split: str = "train", overwrite: bool = False) -> None:
+    """Tokenise and pack a stage-1 corpus once: SOURCES (files, globs or one `datasets` hub name) -> a folder that
+    `data.prepared` reads. `--tokenizer`: the teacher's folder; `--shard=i/n`: this job's part of n (SLURM arrays)."""
+    from .pretrain.prepare import prepare_corpus
+
+    if not tokenizer or not out:
+        raise CodirError("prepare: give --tokenizer=<teacher folder> and --out=<prepared folder>")
+    prepare_corpus(list(sources), tokenizer, out, max_seq_length, text_column, num_proc, str(shard), dataset_config, split, overwrite)
+
+
 def export(checkpoint_dir: str, out_dir: str, tag: str | None = None) -> None:
     """Write the student of a codir-ds checkpoint folder (latest tag by default) as a Hugging Face folder."""
     from .export import export_student
@@ -80,5 +91,5 @@ def run_command(command: Callable | dict[str, Callable], argv: list[str] | None 
 
 
 def main() -> None:
-    run_command({"pretrain": pretrain, "finetune": finetune, "export": export, "demo": demo,
+    run_command({"prepare": prepare, "pretrain": pretrain, "finetune": finetune, "export": export, "demo": demo,
                  "demo_finetune": demo_finetune, "report": report})

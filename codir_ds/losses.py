@@ -71,8 +71,8 @@ def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over rows (Hinton et al.)."""
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum") / max(len(student_logits), 1)
+    return kl * temperature**2  # no rows (nothing masked): 0, not NaN
 
 
 def sampled_contrastive_logits(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:

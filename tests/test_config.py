@@ -54,7 +54,11 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path, tiny_teacher):
         ({"codir.queue_length": "big"}, "codir.queue_length: expected int, got str 'big'"),
         ({"codir.pooling": "max"}, "codir.pooling: 'max' is not one of 'mean', 'cls'"),
         ({"codir.layer_map": [1, "x"]}, "codir.layer_map: expected int, got str 'x'"),
-        ({"data.streaming": 3}, "data.streaming: expected bool, got int 3"),
+        ({"data.num_workers": True}, "data.num_workers: expected int, got bool True"),
+        ({"data.streaming": True}, "config key 'data.streaming' is no more: removed: prepare large corpora once with `codir-ds prepare` "
+                                   "and set data.prepared"),
+        ({"logging.progress_bar": False}, "config key 'logging.progress_bar' is no more: removed: codir-ds prints one plain line "
+                                          "every logging.every steps"),
         ({"codir": 5}, "codir: expected a section (mapping), got 5"),
     ],
 )

@@ -33,13 +33,13 @@ def test_unknown_override_key(config):
 
 def test_missing_corpus(config, tmp_path):
     message = one_line_error(pretrain(config, f"--data.files={tmp_path / 'nope.txt'}"))
-    assert message == f"data.files: no such file {tmp_path / 'nope.txt'}"
+    assert message == f"prepare: no such file {tmp_path / 'nope.txt'}"
 
 
 def test_corrupt_corpus(config, tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 definitely not parquet")
     assert one_line_error(pretrain(config, f"--data.files={tmp_path / 'bad.parquet'}")).startswith(
-        f"data: cannot read {tmp_path / 'bad.parquet'}"
+        f"prepare: cannot read {tmp_path / 'bad.parquet'}"
     )
 
 

@@ -40,7 +40,7 @@ def test_zero2_run_lowers_loss_keeps_teacher_frozen_and_sharded_and_logs_everyth
     scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
     for tag in ("loss/total", "loss/mlm", "loss/kd", "loss/codir", "lr", "throughput/tokens_per_s",
                 "throughput/samples_per_s", "codir/queue_fill", "codir/positive_similarity",
-                "codir/negative_similarity", "codir/top1_accuracy", "data/documents"):
+                "codir/negative_similarity", "codir/top1_accuracy", "data/epoch", "data/consumed_samples"):
         assert len(scalars[tag]) == 40, tag
     assert scalars["codir/queue_fill"][0] == pytest.approx(8 / 24) and scalars["codir/queue_fill"][-1] == 1.0
     assert max(scalars["lr"]) == pytest.approx(0.002)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..config import (
     CheckpointConfig,
@@ -23,22 +24,29 @@ from ..errors import CodirError
 
 @dataclass
 class LossConfig:
+    """L = mlm * L_mlm + kd * T^2 KL(teacher || student at masked positions) + codir * L_codir."""
+
     mlm: float = 1.0  # weight of the student's masked-LM loss
-    kd: float = 0.5  # alpha: KD on MLM logits; set to 0 (with a notice) when the teacher has no MLM head
-    kd_temperature: float = 2.0
-    codir: float = 1.0  # beta: contrastive loss on intermediate representations
+    kd: float = 0.5  # weight of logit KD at masked positions; set to 0 (with a notice) when the teacher has no MLM head
+    kd_temperature: float = 2.0  # T of the logit KD
+    codir: float = 1.0  # weight of the contrastive loss on intermediate representations
 
 
 @dataclass
 class DataConfig:
-    files: list[str] = field(default_factory=list)  # local text/json/jsonl/parquet files
+    """One of `prepared`, `files` or `dataset`; the latter two are prepared into <output.dir>/prepared at first start."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"streaming": "removed: prepare large corpora once with `codir-ds prepare` and set data.prepared"}
+    prepared: str = ""  # a folder written by `codir-ds prepare` (the way for large corpora)
+    files: list[str] = field(default_factory=list)  # local .txt/.jsonl/.json/.parquet/.csv files (compressed or not, globs allowed)
     dataset: str = ""  # a `datasets` hub name instead of files (needs a network)
-    dataset_config: str = ""
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = False  # read lazily: for corpora larger than memory
-    max_seq_length: int = 128
-    mlm_probability: float = 0.15
+    dataset_config: str = ""  # the hub dataset's configuration name
+    split: str = "train"  # the hub dataset's split
+    text_column: str = "text"  # column holding the documents (json/jsonl/parquet/csv)
+    prepare_processes: int = 1  # tokenizer processes when `files`/`dataset` are prepared at start
+    max_seq_length: int = 128  # tokens per sample, [CLS] and [SEP] included
+    mlm_probability: float = 0.15  # share of tokens selected for masked-LM prediction
+    num_workers: int = 2  # loader worker processes per rank (0: load in the training process)
 
 
 @dataclass
@@ -62,8 +70,12 @@ class PretrainConfig(RunPaths):
         for name in ("mlm", "kd", "codir"):
             at_least(getattr(self.loss, name), 0, f"loss.{name}")
         positive(self.loss.kd_temperature, "loss.kd_temperature")
-        if not self.data.files and not self.data.dataset:
-            raise CodirError("data.files: give local corpus files (or data.dataset, a hub name)")
+        given = [key for key in ("prepared", "files", "dataset") if getattr(self.data, key)]
+        if len(given) != 1:
+            raise CodirError("data: give exactly one of data.prepared (a `codir-ds prepare` folder), data.files or data.dataset"
+                             + (f"; got {' and '.join('data.' + key for key in given)}" if given else ""))
+        at_least(self.data.prepare_processes, 1, "data.prepare_processes")
+        at_least(self.data.num_workers, 0, "data.num_workers")
         at_least(self.data.max_seq_length, 8, "data.max_seq_length")
         if not 0 < self.data.mlm_probability < 1:
             raise CodirError(f"data.mlm_probability: {self.data.mlm_probability} is not in (0, 1)")

@@ -75,7 +75,8 @@ class StudentWithHeads(nn.Module):
         out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         positions = masked_positions(labels)
         student_logits = masked_lm_logits(mlm_head(self.student), out.last_hidden_state, positions)
-        terms = {"mlm": F.cross_entropy(student_logits.float(), labels[positions])}
+        masked = labels[positions]  # a micro-batch with nothing masked contributes 0, not NaN
+        terms = {"mlm": F.cross_entropy(student_logits.float(), masked, reduction="sum") / max(len(masked), 1)}
         if teacher_logits is not None and self.weights.kd > 0:
             terms["kd"] = logit_kd(student_logits, teacher_logits, self.weights.kd_temperature)
         anchors = self.heads.project_student(layer_features(out.hidden_states, self.layers, attention_mask, self.pooling))

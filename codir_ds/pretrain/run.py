@@ -7,12 +7,14 @@ config -> data -> frozen (ZeRO-3) teacher forward -> all-gathered teacher featur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import deepspeed
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from ..checkpoint import seed_everything
+from ..checkpoint import seed_everything, seed_rank
 from ..distributed import (
     all_gather_rows,
     barrier,
@@ -23,13 +25,14 @@ from ..distributed import (
 )
 from ..ds_config import load_ds_config
 from ..engines import parameter_counts, student_engine, teacher_engine
+from ..errors import CodirError
 from ..export import export_student
 from ..loop import Stage, train
 from ..losses import contrastive_stats
 from ..models import ModelPlan, build_student, load_teacher, load_tokenizer, plan_models
 from ..negatives import NegativeQueue
 from .config import PretrainConfig
-from .data import PackedMLMStream, load_corpus
+from .data import MicroBatches, micro_batch_loader, training_corpus
 from .modules import LossWeights, StudentWithHeads, TeacherFeatures
 
 
@@ -41,9 +44,21 @@ class PretrainRun:
     teacher: deepspeed.DeepSpeedEngine
     queue: NegativeQueue
     plan: ModelPlan
-    stream: PackedMLMStream
+    data: MicroBatches
     temperature: float
+    workers: int  # loader worker processes
+    next_micro_batch: int = 0  # this rank's micro-batches consumed since the start of training
+    batches: Iterator[dict] | None = None  # the loader, started at `next_micro_batch` on the first micro-step
     losses: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def consumed_samples(self) -> int:
+        """Samples all ranks have trained on, counted in whole optimizer steps: the data state of a checkpoint."""
+        return self.next_micro_batch // self.data.a * self.global_batch
+
+    @property
+    def global_batch(self) -> int:
+        return self.data.b * self.data.a * self.data.w
 
 
 def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> PretrainRun:
@@ -54,15 +69,18 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     weights = loss_weights(cfg, plan)
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
-    _prepare_corpus(cfg)
+    corpus = training_corpus(cfg.data, tokenizer, Path(cfg.output.dir))
 
     teacher = build_teacher_engine(cfg, plan, ds_config, with_logits=weights.kd > 0)
     student = build_student_engine(cfg, plan, ds_config, weights)
+    seed_rank(cfg.train.seed, rank())
     queue = NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=student.device)
-    stream = PackedMLMStream(cfg.data, tokenizer, cfg.train.micro_batch_size, rank(), world_size(), cfg.train.seed)
-    run = PretrainRun(student, teacher, queue, plan, stream, cfg.codir.temperature)
+    data = MicroBatches(corpus, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), rank(),
+                        cfg.train.seed, cfg.data.mlm_probability)
+    run = PretrainRun(student, teacher, queue, plan, data, cfg.codir.temperature, cfg.data.num_workers)
 
     result = train(cfg, student, _stage(run, cfg), tokenizer, stop_after)
+    run.batches = None  # ends the loader's workers
     run.losses = result.history
     if cfg.output.export and result.done == cfg.train.max_steps:
         if rank() == 0:
@@ -74,22 +92,22 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
 def _stage(run: PretrainRun, cfg: PretrainConfig) -> Stage:
     teacher_total, teacher_here = parameter_counts(run.teacher.module)
     student_total, _ = parameter_counts(run.student.module.student)
+    counts = run.data.corpus.meta["counts"]
     summary = (f"teacher {teacher_total / 1e6:.2f}M params ({teacher_here / 1e6:.2f}M on rank 0), student "
-               f"{student_total / 1e6:.2f}M, layer map {run.plan.layer_map}, dtype {run.student.get_data_types()[0]}")
-
-    def restore(state: dict) -> None:
-        run.stream.load_state_dict(state["data"])
-        run.queue.load_state_dict(state["queue"])
-
-    return Stage(micro_step=lambda: micro_step(run),
-                 rank_state=lambda: {"data": run.stream.state_dict(), "queue": run.queue.state_dict()},
-                 restore=restore, scalars=lambda: _scalars(run), tokens_per_sample=cfg.data.max_seq_length, summary=summary)
+               f"{student_total / 1e6:.2f}M, layer map {run.plan.layer_map}, dtype {run.student.get_data_types()[0]}, "
+               f"corpus {counts['blocks']:,} blocks of {run.data.corpus.block_length} tokens from {counts['documents']:,} documents")
+    return Stage(micro_step=lambda: micro_step(run), rank_state=lambda: _rank_state(run), restore=lambda state: _restore(run, state),
+                 scalars=lambda: _scalars(run), tokens_per_sample=cfg.data.max_seq_length, summary=summary)
 
 
 def micro_step(run: PretrainRun) -> dict[str, torch.Tensor]:
     """One forward/backward/step on this rank's next micro-batch; its loss terms and CoDIR statistics, detached."""
-    batch = {k: v.to(run.student.device) for k, v in run.stream.next_batch().items()}
-    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if run.batches is None:
+        pin = run.student.device.type == "cuda"
+        run.batches = iter(micro_batch_loader(run.data, run.next_micro_batch, run.workers, pin_memory=pin))
+    batch = next(run.batches)
+    run.next_micro_batch += 1
+    inputs = tuple(batch[k].to(run.student.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
     with torch.no_grad():
         teacher_features, teacher_logits = run.teacher(*inputs)
     batch_features, offset = all_gather_rows(teacher_features)
@@ -103,10 +121,25 @@ def micro_step(run: PretrainRun) -> dict[str, torch.Tensor]:
     return {**{name: value.detach() for name, value in terms.items()}, **contrastive_stats(logits, positive_index, run.temperature)}
 
 
+def _rank_state(run: PretrainRun) -> dict:
+    """The data position (one integer, the same on every rank) and the queue (identical on every rank)."""
+    return {"data": {"consumed_samples": run.consumed_samples, "global_batch": run.global_batch}, "queue": run.queue.state_dict()}
+
+
+def _restore(run: PretrainRun, state: dict) -> None:
+    saved = state["data"]
+    if saved["global_batch"] != run.global_batch:
+        raise CodirError(f"checkpoint: written with a global batch of {saved['global_batch']} samples, this run has "
+                         f"{run.global_batch} (micro_batch_size x gradient_accumulation_steps x world size); keep the "
+                         f"global batch when resuming, e.g. double train.gradient_accumulation_steps on half the ranks")
+    run.next_micro_batch = saved["consumed_samples"] // run.global_batch * run.data.a
+    run.queue.load_state_dict(state["queue"])
+
+
 def _scalars(run: PretrainRun) -> dict[str, float]:
     """Scalars beside the loss terms, on logging steps."""
     return {"lr": run.student.get_lr()[0], "codir/queue_fill": run.queue.fill_fraction,
-            **{f"data/{k}": float(v) for k, v in run.stream.state.counts.items()}}
+            "data/consumed_samples": float(run.consumed_samples), "data/epoch": run.consumed_samples / len(run.data.corpus)}
 
 
 def loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
@@ -130,10 +163,3 @@ def build_student_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, 
     student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map)
     module = StudentWithHeads(student, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
     return student_engine(module, ds_config, cfg.train.deepspeed_config)
-
-
-def _prepare_corpus(cfg: PretrainConfig) -> None:
-    """Open the corpus on rank 0 first: bad data fails early, and other ranks reuse the prepared cache."""
-    if rank() == 0:
-        load_corpus(cfg.data, epoch=0, seed=cfg.train.seed)
-    barrier()

@@ -1,0 +1,112 @@
+"""Elastic resume: load a ZeRO-1/2/3 checkpoint written by N ranks on M ranks via DeepSpeed's universal checkpoint.
+
+Order of calls on a resume whose world size differs from the checkpoint's:
+  1. rank 0: `convert_to_universal(dir, tag)` (the other ranks wait at a barrier; every rank then uses the returned tag),
+  2. every rank: build the engine with `universal_ds_config(ds_config)` (`deepspeed.initialize`),
+  3. every rank: `load_universal(engine, dir, universal_tag)`.
+Per-rank state saved next to the engine state (`rank_*.pt`) is not copied: it stays in `<dir>/<tag>`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import CodirError, error_line
+
+UNIVERSAL_SUFFIX = "_universal"
+PARTIAL = ".partial"
+LATEST_UNIVERSAL = "latest_universal"  # written by DeepSpeed's converter next to its output folder
+
+
+def universal_tag(tag: str) -> str:
+    """The tag of the universal checkpoint converted from `tag`."""
+    return f"{tag}{UNIVERSAL_SUFFIX}"
+
+
+def checkpoint_zero_stage(folder: Path) -> int:
+    """The ZeRO stage a DeepSpeed checkpoint folder was written with (0 when it has no ZeRO optimizer files)."""
+    optim = sorted(folder.glob("*_optim_states.pt"))
+    if not optim:
+        return 0
+    state = torch.load(optim[0], map_location="cpu", weights_only=False)
+    return int(state.get("optimizer_state_dict", {}).get("zero_stage", 1))
+
+
+def convert_to_universal(checkpoint_dir: Path, tag: str, workers: int = 1) -> str:
+    """Convert `<checkpoint_dir>/<tag>` into `<checkpoint_dir>/<tag>_universal` and return that tag; one process only.
+
+    Written into `<tag>_universal.partial/` and renamed when complete; an existing `<tag>_universal/` is reused.
+    Stage 0 checkpoints hold whole, unpartitioned state and need no conversion: they are refused here.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    source = checkpoint_dir / tag
+    target_tag = universal_tag(tag)
+    final = checkpoint_dir / target_tag
+    if final.is_dir():
+        return target_tag
+    if not source.is_dir():
+        raise CodirError(f"universal checkpoint: no checkpoint {source}")
+    stage = checkpoint_zero_stage(source)
+    if stage == 0:
+        raise CodirError(f"universal checkpoint: {source} was written without ZeRO (stage 0); "
+                         "DeepSpeed converts only ZeRO stage 1-3 checkpoints (stage 0 loads on any world size as is)")
+    partial = checkpoint_dir / f"{target_tag}{PARTIAL}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    latest = checkpoint_dir / LATEST_UNIVERSAL
+    previous_latest = latest.read_text() if latest.is_file() else None
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(partial), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # plain modules carry no universal_checkpoint_info
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            ds_to_universal.main(args)
+    except Exception as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CodirError(f"universal checkpoint: cannot convert {source} (ZeRO stage {stage}): "
+                         f"{type(err).__name__}: {error_line(err, limit=200)}") from None
+    finally:  # the converter points latest_universal at its output folder, here the .partial one
+        if previous_latest is None:
+            latest.unlink(missing_ok=True)
+        else:
+            latest.write_text(previous_latest)
+    os.replace(partial, final)
+    return target_tag
+
+
+def universal_ds_config(ds_config: dict) -> dict:
+    """A copy of `ds_config` whose engine loads universal checkpoints (`checkpoint.load_universal`)."""
+    config = copy.deepcopy(ds_config)
+    config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+    return config
+
+
+def load_universal(engine, checkpoint_dir: Path, tag: str) -> None:
+    """Restore weights, optimizer, lr scheduler and step counters of `engine` from universal checkpoint `tag`.
+
+    The engine must have been built from `universal_ds_config(...)`.
+    """
+    folder = Path(checkpoint_dir) / tag
+    if not (folder / "zero").is_dir():
+        raise CodirError(f"universal checkpoint: no {folder}/zero (convert it first with convert_to_universal)")
+    if not engine.load_universal_checkpoint():
+        raise CodirError(f"universal checkpoint {folder}: the engine was not built with checkpoint.load_universal")
+    try:
+        path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    except CodirError:
+        raise
+    except Exception as err:
+        raise CodirError(f"corrupt universal checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}") from None
+    if path is None:
+        raise CodirError(f"corrupt universal checkpoint {folder}: DeepSpeed found no model state in it")
