@@ -1,34 +1,49 @@
 """Command line: `deepspeed launch/pretrain.py --config run.yaml --codir.temperature=0.05 ...`,
-`deepspeed launch/finetune.py [teacher] --config task.yaml ...` and `python -m codir_ds export CHECKPOINT_DIR OUT_DIR`."""
+`deepspeed launch/finetune.py [teacher] --config task.yaml ...` and `python -m codir_ds export CHECKPOINT_DIR OUT_DIR`.
+Each takes --help (-h); that of a run command lists every config key, generated from its config dataclass."""
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import textwrap
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import fire
 
+from .config import config_help, type_name
 from .errors import CodirError
+from .finetune.config import FinetuneConfig
+from .pretrain.config import PretrainConfig
+
+HELP_FLAGS = {"--help", "-h"}
+CONFIG_CLASSES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}  # the run commands and their configs
 
 
 def pretrain(config: str | None = None, local_rank: int | None = None, **overrides: Any) -> None:
-    """Stage 1. `config`: a JSON/YAML run config; any key can be overridden as --section.key=value."""
+    """Stage 1: CoDIR pre-training distillation of the teacher into a smaller student.
+
+    `config`: a JSON/YAML run config of the sections below; any key can be overridden as --section.key=value."""
     from .config import load_config
     from .distributed import shutdown
-    from .pretrain.config import PretrainConfig
     from .pretrain.run import run_pretraining
 
     run_pretraining(load_config(PretrainConfig, config, overrides))
     shutdown()
 
 
-def finetune(command: str = "distill", config: str | None = None, local_rank: int | None = None, **overrides: Any) -> None:
-    """Stage 2. `distill` (default): distil the finetuned teacher into the student on the task;
-    `teacher`: finetune `teacher.path` on the task first (exported to <output.dir>/teacher)."""
+def finetune(command: Literal["distill", "teacher"] = "distill", config: str | None = None, local_rank: int | None = None,
+             **overrides: Any) -> None:
+    """Stage 2: task finetuning distillation of the task-finetuned teacher into the student.
+
+    `distill` (default): distil the finetuned teacher into the student on the task; `teacher`: finetune
+    `teacher.path` on the task first (exported to <output.dir>/teacher; the student section and loss.alpha/beta
+    do not apply). `config`: a JSON/YAML run config of the sections below; any key can be overridden as
+    --section.key=value."""
     from .config import load_config
     from .distributed import shutdown
-    from .finetune.config import FinetuneConfig
     from .finetune.run import run_finetuning, teacher_training_config
 
     if command not in ("distill", "teacher"):
@@ -43,8 +58,10 @@ def finetune(command: str = "distill", config: str | None = None, local_rank: in
 
 def prepare(*sources: str, tokenizer: str = "", out: str = "", max_seq_length: int = 128, text_column: str = "text",
             num_proc: int = 1, shard: str = "0/1", dataset_config: str = "", split: str = "train", overwrite: bool = False) -> None:
-    """Tokenise and pack a stage-1 corpus once: SOURCES (files, globs or one `datasets` hub name) -> a folder that
-    `data.prepared` reads. `--tokenizer`: the teacher's folder; `--shard=i/n`: this job's part of n (SLURM arrays)."""
+    """Tokenise and pack a stage-1 corpus once into a folder that `data.prepared` reads.
+
+    SOURCES: files, globs or one `datasets` hub name. `--tokenizer`: the teacher's folder; `--out`: the folder to
+    write; `--shard=i/n`: this job's part of n (SLURM arrays)."""
     from .pretrain.prepare import prepare_corpus
 
     if not tokenizer or not out:
@@ -80,9 +97,50 @@ def report(teacher: str, student: str, batch_size: int = 32, seq_length: int = 6
     compare_teacher_student(teacher, student, batch_size, seq_length)
 
 
+def command_help(command: Callable, prog: str) -> str:
+    """Usage line, docstring and arguments of a command; for a run command also every config key."""
+    hints, usage, rows = typing.get_type_hints(command), [prog], []
+    for param in inspect.signature(command).parameters.values():
+        hint = hints.get(param.name)
+        if param.kind is param.VAR_KEYWORD:
+            usage.append("[--section.key=value ...]")
+        elif param.name != "local_rank":  # set by the deepspeed launcher
+            if param.kind is param.VAR_POSITIONAL:
+                usage.append(f"{param.name.upper()} ...")
+            elif param.default is param.empty:
+                usage.append(param.name.upper())
+            elif typing.get_origin(hint) is Literal:  # a sub-command, given by position
+                usage.append(f"[{'|'.join(typing.get_args(hint))}]")
+            else:
+                usage.append(f"[--{param.name}={param.name.upper()}]")
+            name = f"{param.name.upper()} ..." if param.kind is param.VAR_POSITIONAL else f"--{param.name}"
+            default = "" if param.default is param.empty else '""' if param.default == "" else str(param.default)
+            rows.append(f"  {name:<18} {type_name(hint):<16} {default}".rstrip())
+    text = [textwrap.fill(" ".join(usage), 110, initial_indent="usage: ", subsequent_indent="  "), "", inspect.getdoc(command)]
+    text += ["", "arguments (by position, or as --name=value):", *rows] if rows else []
+    if command.__name__ in CONFIG_CLASSES:
+        text += ["", "config keys: `section: {key: value}` in the --config file, --section.key=value on the command line",
+                 "", config_help(CONFIG_CLASSES[command.__name__])]
+    return "\n".join(text)
+
+
+def commands_help(commands: dict[str, Callable]) -> str:
+    lines = ["usage: codir-ds COMMAND [ARGS ...]   (codir-ds COMMAND --help for one command's arguments)", "", "commands:"]
+    return "\n".join(lines + [f"  {name:<14} {inspect.getdoc(fn).splitlines()[0]}" for name, fn in commands.items()])
+
+
 def run_command(command: Callable | dict[str, Callable], argv: list[str] | None = None) -> None:
-    """Run a fire command; bad input ends the process with a one-line message and exit code 2."""
+    """Run a fire command; bad input ends the process with a one-line message and exit code 2.
+    --help or -h anywhere (or no command at all for several) prints help instead and returns."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    several = isinstance(command, dict)
+    if several and (not argv or (argv[0] not in command and HELP_FLAGS & set(argv))):
+        print(commands_help(command))
+        return
+    if HELP_FLAGS & set(argv):
+        print(command_help(command[argv[0]], f"codir-ds {argv[0]}") if several else command_help(command, sys.argv[0]))
+        return
     try:
         fire.Fire(command, command=argv, serialize=lambda _: None)
     except CodirError as err:

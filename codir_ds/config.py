@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    init: Literal["teacher_layers", "config", "checkpoint"] = "teacher_layers"
+    init: Literal["teacher_layers", "config", "checkpoint"] = "teacher_layers"  # build the student from teacher layers, a config, or a checkpoint
     num_layers: int = 0  # teacher_layers: student depth; 0 means half the teacher's depth
     config_path: str = ""  # init=config: a config.json (or folder) of a smaller model with the teacher's vocab
     checkpoint: str = ""  # init=checkpoint: a Hugging Face folder to start from
@@ -35,21 +39,21 @@ class StudentConfig:
 @dataclass
 class CodirConfig:
     layer_map: list[int] | None = None  # teacher layer (1-based) per student layer; None = uniform
-    pooling: Literal["mean", "cls"] = "mean"
-    projection_dim: int = 128
-    temperature: float = 0.07
-    queue_length: int = 4096
+    pooling: Literal["mean", "cls"] = "mean"  # how a layer's token states become one vector: masked mean or [CLS]
+    projection_dim: int = 128  # size of the projection the contrastive loss compares in
+    temperature: float = 0.07  # InfoNCE temperature tau
+    queue_length: int = 4096  # teacher features kept as negatives (FIFO across steps); 0 = in-batch negatives only
 
 
 @dataclass
 class TrainConfig:
-    deepspeed_config: str = "ds_configs/cpu_small.json"
-    micro_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    max_steps: int = 1000
-    seed: int = 42
+    deepspeed_config: str = "ds_configs/cpu_small.json"  # DeepSpeed JSON (optimizer, scheduler, precision, ZeRO); "auto" values are filled from here
+    micro_batch_size: int = 8  # samples per rank per forward pass
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate
+    warmup_steps: int = 0  # learning-rate warm-up steps of the DeepSpeed scheduler
+    max_steps: int = 1000  # optimizer steps of the run
+    seed: int = 42  # seed of initialisation, data order and masking
     comm_timeout_minutes: float = 30.0  # a collective waiting longer (a dead rank or node) fails the run
 
 
@@ -71,7 +75,7 @@ class CheckpointConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/codir"
+    dir: str = "runs/codir"  # run folder: config, logs, checkpoints and the exported student
     export: bool = True  # export the student as a Hugging Face folder at the end of the run
 
 
@@ -159,6 +163,67 @@ def load_config(cls: type[C], path: str | None = None, overrides: dict[str, Any]
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict of a config (for logging and saving beside checkpoints)."""
     return dataclasses.asdict(config)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The inline `# comment` of each field line (`name: type = default  # comment`) of `cls` and its bases,
+    read from the source; a subclass's commented redefinition wins."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if "__annotations__" not in vars(klass):
+            continue
+        source = textwrap.dedent(inspect.getsource(klass))
+        depth, line_depth, line = 0, 0, []  # indentation depth; that of the current logical line; its tokens
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            depth += {tokenize.INDENT: 1, tokenize.DEDENT: -1}.get(tok.type, 0)
+            if tok.type in (tokenize.NEWLINE, tokenize.NL) and all(t.type == tokenize.COMMENT for t in line):
+                line = []  # a blank or comment-only line
+            elif tok.type == tokenize.NEWLINE:
+                code = [t for t in line if t.type != tokenize.COMMENT]
+                notes = [t.string.lstrip("#").strip() for t in line if t.type == tokenize.COMMENT]
+                if line_depth == 1 and len(code) > 1 and code[0].type == tokenize.NAME and code[1].string == ":" and notes:
+                    comments[code[0].string] = notes[0]
+                line = []
+            elif tok.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL):
+                if not line:
+                    line_depth = depth
+                line.append(tok)
+    return {name: comments[name] for name in (f.name for f in dataclasses.fields(cls)) if name in comments}
+
+
+def config_help(cls: type) -> str:
+    """Every key of config class `cls` by section: `section.key  type  default  meaning`, from the dataclasses."""
+    rows: list[str | tuple[str, str, str, str]] = []  # a heading line, or (key, type, default, meaning)
+
+    def walk(klass: type, instance: Any, prefix: str) -> None:
+        hints, notes = typing.get_type_hints(klass), field_comments(klass)
+        for f in dataclasses.fields(klass):
+            hint, value, note = hints[f.name], getattr(instance, f.name), notes.get(f.name, "")
+            if dataclasses.is_dataclass(hint):
+                rows.append(f"\n{prefix}{f.name}" + (f": {note}" if note else ""))
+                doc = inspect.getdoc(hint) or ""
+                if doc and not doc.startswith(f"{hint.__name__}("):  # not the signature dataclass writes
+                    rows.append("  " + " ".join(doc.split()))
+                walk(hint, value, f"{prefix}{f.name}.")
+            else:
+                rows.append((f"  {prefix}{f.name}", type_name(hint), '""' if value == "" else str(value), note))
+
+    walk(cls, cls(), "")
+    keys = [row for row in rows if isinstance(row, tuple)]
+    widths = [min(max(len(row[i]) for row in keys), cap) for i, cap in enumerate((36, 16, 14))]
+    lines = [row if isinstance(row, str) else "".join(c.ljust(w) + "  " for c, w in zip(row, widths)) + row[3] for row in rows]
+    return "\n".join(line.rstrip() for line in lines).lstrip("\n")
+
+
+def type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(map(type_name, args))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(map(type_name, args))}]"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _read_file(path: Path) -> dict[str, Any]:

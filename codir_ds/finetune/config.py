@@ -35,9 +35,9 @@ class TaskConfig:
     labels: list[str] = field(default_factory=list)  # custom: label values in id order; default: the train set's, sorted
     regression: bool = False  # custom: a real-valued label (MSE instead of CE and KL)
     metrics: list[str] = field(default_factory=list)  # default: the task's (custom: accuracy, or pearson/spearman)
-    max_seq_length: int = 128
+    max_seq_length: int = 128  # tokens per example, longer ones truncated
     max_train_examples: int = 0  # 0 = all; otherwise the first N (quick runs)
-    max_eval_examples: int = 0
+    max_eval_examples: int = 0  # 0 = all; otherwise the first N of each dev file
 
 
 @dataclass
@@ -69,32 +69,32 @@ class TaskLossConfig:
 
 @dataclass
 class FinetuneTrainConfig(TrainConfig):
-    micro_batch_size: int = 32
-    lr: float = 5e-5
-    epochs: float = 3.0
+    micro_batch_size: int = 32  # samples per rank per forward pass
+    lr: float = 5e-5  # peak learning rate
+    epochs: float = 3.0  # passes over the training set (fractions allowed)
     max_steps: int = 0  # 0 = as many steps as `epochs` takes
 
 
 @dataclass
 class EvalConfig:
     every: int = 0  # steps between dev evaluations; 0 = at the end of each epoch (and always at the end)
-    batch_size: int = 64
+    batch_size: int = 64  # evaluation batch size per rank
 
 
 @dataclass
 class FinetuneConfig(RunPaths):
     """Stage 2: task finetuning distillation (CE + logit KD + CoDIR with label-aware negatives)."""
 
-    task: TaskConfig = field(default_factory=TaskConfig)
-    teacher: FinetuneTeacherConfig = field(default_factory=FinetuneTeacherConfig)
-    student: FinetuneStudentConfig = field(default_factory=FinetuneStudentConfig)
-    codir: FinetuneCodirConfig = field(default_factory=FinetuneCodirConfig)
-    loss: TaskLossConfig = field(default_factory=TaskLossConfig)
-    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/finetune"))
+    task: TaskConfig = field(default_factory=TaskConfig)  # the task and its data
+    teacher: FinetuneTeacherConfig = field(default_factory=FinetuneTeacherConfig)  # the teacher, finetuned on the task (the `teacher` command)
+    student: FinetuneStudentConfig = field(default_factory=FinetuneStudentConfig)  # the student, by default the stage-1 export
+    codir: FinetuneCodirConfig = field(default_factory=FinetuneCodirConfig)  # contrastive loss on intermediate representations
+    loss: TaskLossConfig = field(default_factory=TaskLossConfig)  # task loss, logit KD and intermediate-loss weights
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)  # optimisation and run length
+    eval: EvalConfig = field(default_factory=EvalConfig)  # dev-set evaluation
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # log lines and TensorBoard
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints, resuming and graceful stops
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/finetune"))  # run folder and export
 
     def validate(self) -> None:
         validate_models(self.teacher, self.student)

@@ -53,15 +53,15 @@ class DataConfig:
 class PretrainConfig(RunPaths):
     """Stage 1: CoDIR pre-training distillation."""
 
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    codir: CodirConfig = field(default_factory=CodirConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen model to distil
+    student: StudentConfig = field(default_factory=StudentConfig)  # the smaller model to train
+    codir: CodirConfig = field(default_factory=CodirConfig)  # contrastive loss on intermediate representations
+    loss: LossConfig = field(default_factory=LossConfig)  # weights of the three losses
+    data: DataConfig = field(default_factory=DataConfig)  # the corpus and masking
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and run length
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # log lines and TensorBoard
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints, resuming and graceful stops
+    output: OutputConfig = field(default_factory=OutputConfig)  # run folder and export
 
     def validate(self) -> None:
         """Reject impossible values that need no model to detect."""
