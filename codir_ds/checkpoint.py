@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from deepspeed.accelerator import get_accelerator
 
 from .distributed import barrier, rank, world_size
 from .errors import CodirError, error_line
+from .universal import load_universal
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -62,16 +65,46 @@ def resolve_resume_tag(directory: Path, resume: str) -> str | None:
     return resume
 
 
-def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
-    """Restore engine state and return this rank's saved state (RNG restored already)."""
-    folder = directory / tag
-    saved_world = len(list(folder.glob("rank_*.pt")))
-    if saved_world != world_size():
-        raise CodirError(f"checkpoint {folder} was written by {saved_world} ranks, this run has {world_size()}: resume with "
-                         f"{saved_world} ranks, or export it and start a new run from the export (student.init=checkpoint)")
-    rank_file = folder / f"rank_{rank()}.pt"
+@dataclass
+class Resume:
+    """The checkpoint a run resumes from: its tag, how many ranks wrote it, and, when this run has another world
+    size, the tag of its universal conversion (ZeRO 1-3; a stage-0 checkpoint loads on any world size as it is)."""
+
+    tag: str
+    world: int
+    universal_tag: str | None = None
+
+    @property
+    def elastic(self) -> bool:
+        return self.world != world_size()
+
+    def require_same_world(self, folder: Path) -> None:
+        """For state that cannot move to another world size: fail unless this run has the writer's ranks."""
+        if self.elastic:
+            raise CodirError(f"checkpoint {folder / self.tag} was written by {self.world} ranks, this run has {world_size()}: "
+                             f"resume with {self.world} ranks, or export it and start a new run from the export "
+                             f"(student.init=checkpoint)")
+
+
+def find_resume(directory: Path, resume: str) -> Resume | None:
+    """What `checkpoint.resume` names (None for a fresh start), read from the files before any engine is built."""
+    tag = resolve_resume_tag(directory, resume)
+    return Resume(tag, len(list((directory / tag).glob("rank_*.pt")))) if tag else None
+
+
+def load_checkpoint(engine, directory: Path, resume: Resume, elastic: bool = False) -> dict[str, Any]:
+    """Restore engine state and return the saved rank state: this rank's (RNG restored already) or, on another
+    world size (`elastic` stages only), rank 0's, whose data position and queue every rank shares."""
+    folder = directory / resume.tag
+    if not elastic:
+        resume.require_same_world(directory)
+    rank_file = folder / f"rank_{0 if resume.elastic else rank()}.pt"
     try:
-        path, _ = engine.load_checkpoint(str(directory), tag=tag)
+        if resume.universal_tag:
+            load_universal(engine, directory, resume.universal_tag)
+            path = folder
+        else:
+            path, _ = engine.load_checkpoint(str(directory), tag=resume.tag)
         state = torch.load(rank_file, map_location="cpu", weights_only=False)
     except CodirError:
         raise
@@ -79,7 +112,8 @@ def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
         raise CodirError(f"corrupt checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}") from None
     if path is None:
         raise CodirError(f"corrupt checkpoint {folder}: DeepSpeed found no model state in it")
-    restore_rng_state(state["rng"])
+    if not resume.elastic:
+        restore_rng_state(state["rng"])
     return state
 
 
@@ -113,8 +147,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def _complete_checkpoints(directory: Path) -> list[Path]:
-    """Finished `step_N` folders, oldest first."""
-    folders = (p for p in directory.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
+    """Finished `step_N` folders, oldest first (not their `.partial` or universal conversions)."""
+    folders = (p for p in directory.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
     return sorted(folders, key=lambda p: int(p.name.split("_")[1]))
 
 

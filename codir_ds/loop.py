@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, resolve_resume_tag, save_checkpoint
+from .checkpoint import Resume, load_checkpoint, save_checkpoint
 from .config import config_to_dict
 from .distributed import print0, rank, world_size
 from .export import save_student_spec
@@ -31,6 +31,7 @@ class Stage:
     tokens_per_sample: int
     summary: str  # one line on what is trained, printed at start
     after_step: Callable[[int, Monitor], None] = lambda step, monitor: None
+    elastic: bool = False  # resumes on another world size (its state is the same on every rank)
 
 
 @dataclass
@@ -42,13 +43,13 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def train(cfg, engine, stage: Stage, tokenizer, stop_after: int | None = None) -> TrainResult:
+def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_after: int | None = None) -> TrainResult:
     """Run `cfg.train.max_steps` optimizer steps of `stage` on the student `engine` (or stop after `stop_after`
-    steps, or on a stop request), resuming from `cfg.checkpoint.resume`; checkpoints as `cfg.checkpoint` says."""
+    steps, or on a stop request), resuming from `resume` (see `find_resume`); checkpoints as `cfg.checkpoint` says."""
     checkpoints, start = cfg.checkpoint_dir, 0
-    tag = resolve_resume_tag(checkpoints, cfg.checkpoint.resume)
-    if tag:
-        state = load_checkpoint(engine, checkpoints, tag)
+    tag = resume.tag if resume else None
+    if resume:
+        state = load_checkpoint(engine, checkpoints, resume, stage.elastic)
         stage.restore(state)
         start = state["step"]
     elif rank() == 0:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from .distributed import any_rank, print0, rank, world_size
 from .errors import CodirError, error_line
 
 UNIVERSAL_SUFFIX = "_universal"
 PARTIAL = ".partial"
 LATEST_UNIVERSAL = "latest_universal"  # written by DeepSpeed's converter next to its output folder
+SOURCE = "codir_source.txt"  # fingerprint of the converted checkpoint, to detect a stale conversion
 
 
 def universal_tag(tag: str) -> str:
@@ -39,21 +41,35 @@ def checkpoint_zero_stage(folder: Path) -> int:
     return int(state.get("optimizer_state_dict", {}).get("zero_stage", 1))
 
 
+def _fingerprint(folder: Path) -> str:
+    """Name, size and mtime of the DeepSpeed state files in `folder` (a re-saved tag gets a new fingerprint)."""
+    files = sorted(folder.glob("*_states.pt"))
+    return "".join(f"{f.name} {f.stat().st_size} {f.stat().st_mtime_ns}\n" for f in files)
+
+
 def convert_to_universal(checkpoint_dir: Path, tag: str, workers: int = 1) -> str:
     """Convert `<checkpoint_dir>/<tag>` into `<checkpoint_dir>/<tag>_universal` and return that tag; one process only.
 
-    Written into `<tag>_universal.partial/` and renamed when complete; an existing `<tag>_universal/` is reused.
+    Written into `<tag>_universal.partial/` and renamed when complete; an existing `<tag>_universal/` is reused
+    when it was converted from the current `<tag>/` (a re-saved tag, e.g. `best`, is converted again).
     Stage 0 checkpoints hold whole, unpartitioned state and need no conversion: they are refused here.
     """
     checkpoint_dir = Path(checkpoint_dir)
     source = checkpoint_dir / tag
     target_tag = universal_tag(tag)
     final = checkpoint_dir / target_tag
-    if final.is_dir():
-        return target_tag
     if not source.is_dir():
         raise CodirError(f"universal checkpoint: no checkpoint {source}")
-    stage = checkpoint_zero_stage(source)
+    fingerprint = _fingerprint(source)
+    marker = final / SOURCE
+    if final.is_dir():
+        if marker.is_file() and marker.read_text() == fingerprint:
+            return target_tag
+        shutil.rmtree(final)
+    try:
+        stage = checkpoint_zero_stage(source)
+    except Exception as err:
+        raise CodirError(f"universal checkpoint: cannot read {source}: {type(err).__name__}: {error_line(err, limit=200)}") from None
     if stage == 0:
         raise CodirError(f"universal checkpoint: {source} was written without ZeRO (stage 0); "
                          "DeepSpeed converts only ZeRO stage 1-3 checkpoints (stage 0 loads on any world size as is)")
@@ -69,7 +85,7 @@ def convert_to_universal(checkpoint_dir: Path, tag: str, workers: int = 1) -> st
                               inject_missing_state=True)  # plain modules carry no universal_checkpoint_info
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its prints and progress bars
             ds_to_universal.main(args)
     except Exception as err:
         shutil.rmtree(partial, ignore_errors=True)
@@ -80,6 +96,7 @@ def convert_to_universal(checkpoint_dir: Path, tag: str, workers: int = 1) -> st
             latest.unlink(missing_ok=True)
         else:
             latest.write_text(previous_latest)
+    (partial / SOURCE).write_text(fingerprint)
     os.replace(partial, final)
     return target_tag
 
@@ -110,3 +127,22 @@ def load_universal(engine, checkpoint_dir: Path, tag: str) -> None:
         raise CodirError(f"corrupt universal checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}") from None
     if path is None:
         raise CodirError(f"corrupt universal checkpoint {folder}: DeepSpeed found no model state in it")
+
+
+def elastic_ds_config(checkpoint_dir: Path, resume, ds_config: dict) -> dict:
+    """Prepare a resume on another world size: rank 0 converts a ZeRO checkpoint to a universal one (every rank
+    learns whether that worked) and `resume.universal_tag` names it; returns the DeepSpeed config to build with."""
+    if checkpoint_zero_stage(Path(checkpoint_dir) / resume.tag) == 0:
+        return ds_config  # unpartitioned state: DeepSpeed loads it on any world size
+    failure = None
+    if rank() == 0:
+        print0(f"codir-ds: {resume.tag} was written by {resume.world} ranks, this run has {world_size()}: "
+               f"converting it to a universal checkpoint")
+        try:
+            convert_to_universal(Path(checkpoint_dir), resume.tag)
+        except CodirError as err:
+            failure = err
+    if any_rank(failure is not None, torch.device("cpu")):
+        raise failure or CodirError(f"universal checkpoint: rank 0 could not convert {resume.tag}")
+    resume.universal_tag = universal_tag(resume.tag)
+    return universal_ds_config(ds_config)

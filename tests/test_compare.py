@@ -3,8 +3,7 @@ import csv
 import importlib.util
 import statistics
 
-from conftest import REPO
-from stage2 import save_task_teacher, write_task
+from helpers import REPO, save_task_teacher, write_task
 
 spec = importlib.util.spec_from_file_location("compare", REPO / "experiments/compare.py")
 compare = importlib.util.module_from_spec(spec)

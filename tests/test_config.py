@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import tiny_bert_config
+from helpers import tiny_bert_config
 
 from codir_ds.config import load_config
 from codir_ds.errors import CodirError
@@ -31,8 +31,11 @@ def test_yaml_file_and_dotted_overrides(tmp_path, tiny_teacher):
     path = tmp_path / "run.yaml"
     path.write_text(f"teacher:\n  path: {tiny_teacher}\ndata:\n  files: corpus.txt\ncodir:\n  temperature: 0.1\n")
     cfg = load_config(PretrainConfig, str(path), {"codir.temperature": 0.05, "train.max_steps": 7, "codir.layer_map": [2, 4]})
-    assert cfg.codir.temperature == 0.05 and cfg.train.max_steps == 7 and cfg.codir.layer_map == [2, 4]
-    assert cfg.data.files == ["corpus.txt"] and cfg.codir.queue_length == 4096  # defaults kept
+    assert cfg.codir.temperature == 0.05
+    assert cfg.train.max_steps == 7
+    assert cfg.codir.layer_map == [2, 4]
+    assert cfg.data.files == ["corpus.txt"]
+    assert cfg.codir.queue_length == 4096
 
 
 def test_a_bracketed_list_from_the_command_line_is_a_list(tmp_path, tiny_teacher):
@@ -45,7 +48,8 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path, tiny_teacher):
     message = error_of(lambda: load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"codir.temprature": 0.1}))
     assert message == "unknown config key 'codir.temprature'; did you mean 'codir.temperature'?"
     message = error_of(lambda: load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"trian.lr": 0.1}))
-    assert "'trian'" in message and "'train'" in message
+    assert "'trian'" in message
+    assert "'train'" in message
 
 
 @pytest.mark.parametrize(
@@ -91,9 +95,12 @@ def test_layer_map_past_teacher_depth_is_rejected_from_the_config_alone(tmp_path
 
 def test_plan_defaults_to_half_depth_uniform_map(tmp_path, tiny_teacher, headless_teacher):
     plan = plan_models(load_config(PretrainConfig, str(base(tmp_path, tiny_teacher))))
-    assert plan.layer_map == [2, 4] and plan.student_config.num_hidden_layers == 2 and plan.teacher_has_mlm_head
+    assert plan.layer_map == [2, 4]
+    assert plan.student_config.num_hidden_layers == 2
+    assert plan.teacher_has_mlm_head
     plan = plan_models(load_config(PretrainConfig, str(base(tmp_path, headless_teacher)), {"codir.layer_map": [1, 3, 4]}))
-    assert plan.student_config.num_hidden_layers == 3 and not plan.teacher_has_mlm_head
+    assert plan.student_config.num_hidden_layers == 3
+    assert not plan.teacher_has_mlm_head
 
 
 def test_missing_paths_and_unparsable_files(tmp_path, tiny_teacher):

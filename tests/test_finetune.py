@@ -5,9 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, child_env, save_tiny_model
-from stage1 import tensorboard_scalars
-from stage2 import save_task_teacher, write_task, write_task_config
+from helpers import REPO, child_env, save_task_teacher, save_tiny_model, tensorboard_scalars, write_task, write_task_config
 from test_pretrain_cli import one_line_error
 from transformers import AutoConfig
 
@@ -34,7 +32,8 @@ def config(tmp_path, teacher, task, **overrides):
 def test_cached_teacher_outputs_train_exactly_like_a_live_teacher(tmp_path, task_teacher, task):
     cached = run_finetuning(config(tmp_path / "cached", task_teacher, task, **{"teacher.live": False, "train.lr": 0.003, "train.epochs": 3}))
     live = run_finetuning(config(tmp_path / "live", task_teacher, task, **{"teacher.live": True, "train.lr": 0.003, "train.epochs": 3}))
-    assert cached.teacher is None and live.teacher is not None  # the cached run dropped its teacher after the bank pass
+    assert cached.teacher is None
+    assert live.teacher is not None
     assert len(cached.losses) == len(live.losses) == 36
     for a, b in zip(cached.losses, live.losses):
         assert a.keys() == b.keys() == {"total", "ce", "kd", "codir", "top1_accuracy", "positive_similarity", "negative_similarity"}
@@ -49,12 +48,15 @@ def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
     teacher = save_task_teacher(tmp_path / "teacher", num_labels=1)
     cfg = config(tmp_path, teacher, (train, dev), **{"task.regression": True, "codir.negatives": "queue", "train.epochs": 2})
     run = run_finetuning(cfg)
-    assert run.task.metrics == ("pearson", "spearman") and run.queue.filled == 32 and run.bank is None
+    assert run.task.metrics == ("pearson", "spearman")
+    assert run.queue.filled == 32
+    assert run.bank is None
     assert run.losses[-1]["ce"] < run.losses[0]["ce"]  # the MSE on the score falls
     results = json.loads((tmp_path / "out/student/eval_results.json").read_text())
     assert set(results["best"]["metrics"]["dev"]) == {"pearson", "spearman"}
     exported = AutoConfig.from_pretrained(tmp_path / "out/student")
-    assert exported.num_labels == 1 and exported.problem_type == "regression"
+    assert exported.num_labels == 1
+    assert exported.problem_type == "regression"
     scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
     assert {"loss/total", "loss/ce", "loss/kd", "loss/codir", "codir/queue_fill", "eval/dev/pearson", "lr"} <= set(scalars)
 
@@ -63,7 +65,9 @@ def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path,
     base = save_tiny_model(tmp_path / "base", layers=4, mlm_head=False)  # like MiniLM: a pretrained body only
     teacher_run = run_finetuning(teacher_training_config(config(tmp_path / "t", base, task, **{"train.epochs": 10, "train.lr": 0.003})), export_name="teacher")
     teacher_dir = tmp_path / "t/out/teacher"
-    assert teacher_run.teacher is None and "kd" not in teacher_run.losses[0] and "codir" not in teacher_run.losses[0]
+    assert teacher_run.teacher is None
+    assert "kd" not in teacher_run.losses[0]
+    assert "codir" not in teacher_run.losses[0]
     assert teacher_run.best["score"] >= 0.8  # the task is learnable: the teacher gets most of the dev set right
 
     stage1 = save_tiny_model(tmp_path / "stage1", layers=2, mlm_head=True, seed=3)  # a stage-1 export stands in
@@ -72,7 +76,8 @@ def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path,
     run = run_finetuning(cfg)
     assert [e["step"] for e in run.evals] == [6, 12, 18, 24, 30, 36, 42, 48]
     best = max(run.evals, key=lambda e: e["metrics"]["dev"]["accuracy"])
-    assert run.best["score"] == best["metrics"]["dev"]["accuracy"] and run.best["step"] == best["step"]
+    assert run.best["score"] == best["metrics"]["dev"]["accuracy"]
+    assert run.best["step"] == best["step"]
 
     # The export is the best student, a plain transformers classifier: score it where codir_ds cannot be imported.
     script = (
@@ -108,6 +113,18 @@ def test_cli_errors_for_a_wrong_teacher_or_task(tmp_path, task, task_teacher, ti
     assert one_line_error(finetune(path, "student")) == "unknown finetune command 'student'; use 'distill' (the default) or 'teacher'"
 
 
+def test_stage2_refuses_to_resume_on_another_world_size_before_any_work(tmp_path, task, task_teacher):
+    path = write_task_config(tmp_path, task_teacher, *task)
+    checkpoint = tmp_path / "out/checkpoints/step_2"
+    checkpoint.mkdir(parents=True)
+    for r in range(2):  # as two ranks leave it
+        (checkpoint / f"rank_{r}.pt").write_bytes(b"")
+    (checkpoint.parent / "latest").write_text("step_2")
+    assert one_line_error(finetune(path)) == (
+        f"checkpoint {checkpoint} was written by 2 ranks, this run has 1: resume with 2 ranks, or export it and start "
+        "a new run from the export (student.init=checkpoint)")
+
+
 def test_cli_teacher_command_needs_no_student_section(tmp_path, task, tiny_teacher):
     raw = json.loads(write_task_config(tmp_path, tiny_teacher, *task).read_text())
     del raw["student"]  # its default (start from a stage-1 checkpoint) does not apply to the teacher
@@ -115,13 +132,16 @@ def test_cli_teacher_command_needs_no_student_section(tmp_path, task, tiny_teach
     result = finetune(tmp_path / "teacher.json", "teacher", "--train.max_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     exported = AutoConfig.from_pretrained(tmp_path / "out/teacher")
-    assert exported.num_hidden_layers == 4 and exported.id2label == {0: "neg", 1: "pos"}
+    assert exported.num_hidden_layers == 4
+    assert exported.id2label == {0: "neg", 1: "pos"}
 
 
 @pytest.mark.parametrize("intermediate, teacher_kept", [("mse", False), ("mse_tokens", True), ("cosine", True)])
 def test_baseline_intermediate_losses_train_through_the_same_loop(tmp_path, task_teacher, task, intermediate, teacher_kept):
     run = run_finetuning(config(tmp_path, task_teacher, task, **{"loss.intermediate": intermediate, "loss.beta": 10.0,
                                                                  "train.epochs": 2, "train.lr": 0.003}))
-    assert (run.teacher is not None) == teacher_kept and run.student.module.heads is None  # no CoDIR heads trained
+    assert (run.teacher is not None) == teacher_kept
+    assert run.student.module.heads is None
     values = [step[intermediate] for step in run.losses]
-    assert "codir" not in run.losses[0] and sum(values[-4:]) < sum(values[:4])  # the student moves toward the teacher
+    assert "codir" not in run.losses[0]
+    assert sum(values[-4:]) < sum(values[:4])

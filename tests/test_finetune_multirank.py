@@ -1,7 +1,6 @@
 """Stage 2 on 2 real CPU ranks (deepspeed launcher): ZeRO-3 teacher, memory bank or queue, shared evaluation."""
 import pytest
-from conftest import REPO, launch_worker
-from stage2 import save_task_teacher, write_task, write_task_config
+from helpers import REPO, launch_worker, save_task_teacher, write_task, write_task_config
 
 pytestmark = pytest.mark.multirank
 WORKER = REPO / "tests/workers/finetune_worker.py"
@@ -21,11 +20,15 @@ def test_two_rank_finetune_distillation(tmp_path, negatives):
     assert first["steps"] == 12  # 100 // (8 x 2 ranks) = 6 steps per epoch
     assert len(first["losses"]) == len(second["losses"]) == 12
     assert first["losses"] == second["losses"]  # logged values are averaged over the ranks
-    assert first["evals"] == second["evals"] and [e["step"] for e in first["evals"]] == [3, 6, 9, 12]
-    assert first["best"] == second["best"] and (tmp_path / "out/student/model.safetensors").is_file()
+    assert first["evals"] == second["evals"]
+    assert [e["step"] for e in first["evals"]] == [3, 6, 9, 12]
+    assert first["best"] == second["best"]
+    assert (tmp_path / "out/student/model.safetensors").is_file()
     if negatives == "bank":  # both ranks hold the whole bank, exactly the teacher's outputs
-        assert first["bank_feature_error"] < 1e-5 and first["bank_logit_error"] < 1e-5
+        assert first["bank_feature_error"] < 1e-5
+        assert first["bank_logit_error"] < 1e-5
         assert first["bank_sum"] == second["bank_sum"]
     else:  # the queue holds the same all-gathered rows, with their labels, on both ranks
-        assert first["queue_sum"] == second["queue_sum"] and first["queue_labels"] == second["queue_labels"]
+        assert first["queue_sum"] == second["queue_sum"]
+        assert first["queue_labels"] == second["queue_labels"]
         assert set(first["queue_labels"]) == {0, 1}

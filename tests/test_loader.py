@@ -50,12 +50,14 @@ def test_block_order_is_a_bijection_per_epoch(n):
     second = sample_blocks(np.arange(n, 2 * n), n, seed=0)
     assert np.array_equal(np.sort(second), np.arange(n))
     if n >= 7:
-        assert not np.array_equal(first, second) and not np.array_equal(first, sample_blocks(np.arange(n), n, seed=1))
+        assert not np.array_equal(first, second)
+        assert not np.array_equal(first, sample_blocks(np.arange(n), n, seed=1))
         assert not np.array_equal(first, np.arange(n))
 
 
 def test_blocks_read_across_parts(corpus):
-    assert len(corpus) == 97 and corpus.meta["counts"] == {"documents": 2, "blocks": 97}
+    assert len(corpus) == 97
+    assert corpus.meta["counts"] == {"documents": 2, "blocks": 97}
     first = np.fromfile(corpus.parts[0] / "tokens.bin", dtype=np.uint16).reshape(-1, 14)
     second = np.fromfile(corpus.parts[1] / "tokens.bin", dtype=np.uint16).reshape(-1, 14)
     assert np.array_equal(corpus.blocks(np.array([96, 0, 50, 49])), np.stack([second[46], first[0], second[0], first[49]]))
@@ -92,19 +94,26 @@ def test_masking_rates_and_special_tokens():
     blocks = rng.integers(5, VOCAB, size=(4000, 126))
     blocks[:, ::9] = SPECIAL["sep"]
     input_ids, labels = mask_blocks(blocks, np.arange(4000), seed=3, special_ids=SPECIAL, vocab_size=VOCAB, mlm_probability=0.15)
-    assert input_ids.shape == labels.shape == (4000, 128) and input_ids.dtype == labels.dtype == torch.int64
+    assert input_ids.shape == labels.shape == (4000, 128)
+    assert input_ids.dtype == labels.dtype == torch.int64
     original = torch.from_numpy(np.pad(blocks, ((0, 0), (1, 1)), constant_values=0))
     original[:, 0], original[:, -1] = SPECIAL["cls"], SPECIAL["sep"]
     special = torch.isin(original, torch.tensor(list(SPECIAL.values())))
     selected = labels.ne(-100)
-    assert not (selected & special).any() and torch.equal(input_ids[special], original[special])
-    assert torch.equal(labels[selected], original[selected]) and torch.equal(input_ids[~selected], original[~selected])
+    assert not (selected & special).any()
+    assert torch.equal(input_ids[special], original[special])
+    assert torch.equal(labels[selected], original[selected])
+    assert torch.equal(input_ids[~selected], original[~selected])
     assert abs(selected.sum().item() / (~special).sum().item() - 0.15) < 0.005
     chosen = input_ids[selected]
     masked, kept = chosen.eq(SPECIAL["mask"]).float().mean(), chosen.eq(original[selected]).float().mean()
-    assert abs(masked - 0.8) < 0.01 and abs(kept - 0.1) < 0.01 and abs(1 - masked - kept - 0.1) < 0.01
+    assert abs(masked - 0.8) < 0.01
+    assert abs(kept - 0.1) < 0.01
+    assert abs(1 - masked - kept - 0.1) < 0.01
     replaced = chosen[chosen.ne(SPECIAL["mask"]) & chosen.ne(original[selected])]
-    assert replaced.min() >= 5 and replaced.max() < VOCAB and len(replaced.unique()) > 500
+    assert replaced.min() >= 5
+    assert replaced.max() < VOCAB
+    assert len(replaced.unique()) > 500
 
 
 def test_workers_and_resume_give_the_same_batches(corpus):
@@ -126,7 +135,8 @@ def test_resume_at_the_end_of_ten_million_blocks_is_instant(tmp_path):
     last = 10_000_000 // (32 * 4 * 8) * 4 - 1  # the last micro-batch of epoch 0 on rank 7
     batch = next(iter(micro_batch_loader(batches, last, num_workers=0)))
     assert time.perf_counter() - start < 1.0
-    assert len(corpus) == 10_000_000 and batch["input_ids"].shape == (32, 8)
+    assert len(corpus) == 10_000_000
+    assert batch["input_ids"].shape == (32, 8)
     assert 9_990_000 < batch["sample_index"][-1] < 10_000_000
 
 

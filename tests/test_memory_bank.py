@@ -1,7 +1,7 @@
 """The memory bank: label-aware sampling, exact teacher outputs, and even sharding over ranks."""
 import pytest
 import torch
-from stage2 import save_task_teacher
+from helpers import save_task_teacher
 from transformers import AutoModelForSequenceClassification
 
 from codir_ds.errors import CodirError

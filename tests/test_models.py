@@ -1,7 +1,7 @@
 """Student initialisation from teacher layers, and tokenizer checks."""
 import pytest
 import torch
-from conftest import save_tiny_model, write_tokenizer
+from helpers import save_tiny_model, write_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
 
@@ -18,7 +18,8 @@ def test_student_copies_exactly_the_mapped_teacher_layers(tiny_teacher):
     for i, teacher_layer in enumerate([1, 4]):
         t_layer = {k.split(f"encoder.layer.{teacher_layer - 1}.")[1]: v for k, v in t_state.items() if f"encoder.layer.{teacher_layer - 1}." in k}
         s_layer = {k.split(f"encoder.layer.{i}.")[1]: v for k, v in s_state.items() if f"encoder.layer.{i}." in k}
-        assert t_layer.keys() == s_layer.keys() and len(s_layer) == 16
+        assert t_layer.keys() == s_layer.keys()
+        assert len(s_layer) == 16
         for name in s_layer:
             assert torch.equal(s_layer[name], t_layer[name]), name
         other = {k.split(f"encoder.layer.{teacher_layer % 4}.")[1]: v for k, v in t_state.items() if f"encoder.layer.{teacher_layer % 4}." in k}

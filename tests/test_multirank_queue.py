@@ -1,6 +1,6 @@
 """The negative queue on 2 real CPU ranks started by the `deepspeed` launcher."""
 import pytest
-from conftest import REPO, read_json, run_deepspeed
+from helpers import REPO, read_json, run_deepspeed
 
 pytestmark = pytest.mark.multirank
 
@@ -10,7 +10,8 @@ def test_queue_identical_on_both_ranks_with_fifo_order_after_uneven_steps(tmp_pa
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0, rank1 = read_json(tmp_path / "rank0.json"), read_json(tmp_path / "rank1.json")
     assert rank0["world"] == 2
-    assert rank0["values"] == rank1["values"] and rank0["labels"] == rank1["labels"]
+    assert rank0["values"] == rank1["values"]
+    assert rank0["labels"] == rank1["labels"]
 
     # Expected: every step's rows in rank order, appended; the queue keeps the newest 7, oldest first.
     def rows(step, rank):
@@ -20,4 +21,5 @@ def test_queue_identical_on_both_ranks_with_fifo_order_after_uneven_steps(tmp_pa
     assert len(stream) > 7  # the queue wrapped around
     assert rank0["values"] == stream[-7:]
     assert rank0["labels"] == [v % 3 for v in stream[-7:]]
-    assert rank0["offsets"] == [0] * 6 and rank1["offsets"] == [rows(step, 0) for step in range(6)]
+    assert rank0["offsets"] == [0] * 6
+    assert rank1["offsets"] == [rows(step, 0) for step in range(6)]

@@ -12,9 +12,11 @@ def rows(start, count, dim=3):
 
 def test_fifo_order_and_wraparound_with_uneven_batches():
     queue = NegativeQueue(length=5, dim=3)
-    assert queue.contents()[0].shape == (0, 3) and queue.fill_fraction == 0
+    assert queue.contents()[0].shape == (0, 3)
+    assert queue.fill_fraction == 0
     queue.enqueue(rows(0, 3))
-    assert queue.contents()[0][:, 0].tolist() == [0, 1, 2] and queue.fill_fraction == 0.6
+    assert queue.contents()[0][:, 0].tolist() == [0, 1, 2]
+    assert queue.fill_fraction == 0.6
     queue.enqueue(rows(3, 4))  # wraps: 0 and 1 are dropped
     assert queue.contents()[0][:, 0].tolist() == [2, 3, 4, 5, 6]
     queue.enqueue(rows(7, 1))
@@ -29,7 +31,8 @@ def test_labels_travel_with_features():
     queue.enqueue(rows(0, 3), torch.tensor([7, 8, 9]))
     queue.enqueue(rows(3, 2), torch.tensor([1, 2]))
     features, labels = queue.contents()
-    assert features[:, 0].tolist() == [1, 2, 3, 4] and labels.tolist() == [8, 9, 1, 2]
+    assert features[:, 0].tolist() == [1, 2, 3, 4]
+    assert labels.tolist() == [8, 9, 1, 2]
 
 
 def test_state_round_trip_and_shape_check():

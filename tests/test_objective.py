@@ -95,7 +95,8 @@ def test_contrastive_stats():
 def test_projection_heads_are_unit_norm_and_sized():
     heads = ProjectionHeads(student_dim=6, teacher_dim=10, projection_dim=4)
     zs, zt = heads.project_student(torch.randn(3, 6)), heads.project_teacher(torch.randn(5, 10))
-    assert zs.shape == (3, 4) and zt.shape == (5, 4)
+    assert zs.shape == (3, 4)
+    assert zt.shape == (5, 4)
     torch.testing.assert_close(zs.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(zt.norm(dim=-1), torch.ones(5))
     assert math.isclose(heads.teacher.weight.shape[1], 10)

@@ -16,7 +16,8 @@ def test_a_stop_signal_is_noted_not_fatal(sig):
     stop = StopRequest(stop_file=None)
     assert not stop.agreed(torch.device("cpu"))
     os.kill(os.getpid(), sig)  # would end the process without the handler
-    assert stop.agreed(torch.device("cpu")) and stop.received == sig.name
+    assert stop.agreed(torch.device("cpu"))
+    assert stop.received == sig.name
     stop.close()
     assert signal.getsignal(sig) == before
 
@@ -26,12 +27,15 @@ def test_the_stop_file_of_a_previous_run_is_cleared_and_a_new_one_is_seen(tmp_pa
     stop_file = tmp_path / "STOP"
     stop_file.touch()  # left by the stopped run this one resumes
     stop = StopRequest(stop_file)
-    assert not stop_file.exists() and not stop.agreed(torch.device("cpu"))
+    assert not stop_file.exists()
+    assert not stop.agreed(torch.device("cpu"))
     stop_file.touch()
-    assert stop.agreed(torch.device("cpu")) and stop.received == f"stop file {stop_file}"
+    assert stop.agreed(torch.device("cpu"))
+    assert stop.received == f"stop file {stop_file}"
     stop.close()
 
 
 def test_checkpoint_is_due_at_the_end_periodically_and_on_stop():
     assert [s for s in range(1, 11) if checkpoint_due(s, last=10, every=4, stopping=False)] == [4, 8, 10]
-    assert checkpoint_due(3, last=10, every=0, stopping=True) and not checkpoint_due(3, last=10, every=0, stopping=False)
+    assert checkpoint_due(3, last=10, every=0, stopping=True)
+    assert not checkpoint_due(3, last=10, every=0, stopping=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stage1 import write_corpus
+from helpers import write_corpus
 from transformers import AutoTokenizer, BertTokenizerFast
 
 from codir_ds.errors import CodirError
@@ -49,14 +49,18 @@ def test_blocks_decode_to_the_documents_and_meta_counts_them(prepared, corpus, t
     words = stream_words(documents)
     reader = PreparedCorpus(str(prepared))
     blocks = len(words) // (SEQ - 2)
-    assert len(reader) == blocks and reader.block_length == SEQ - 2 and reader.blocks(np.arange(blocks)).dtype == np.uint16
+    assert len(reader) == blocks
+    assert reader.block_length == SEQ - 2
+    assert reader.blocks(np.arange(blocks)).dtype == np.uint16
     assert tokenizer.decode(all_tokens(prepared)) == " ".join(words[: blocks * (SEQ - 2)])
     meta = json.loads((prepared / "part-00000-of-00001" / "meta.json").read_text())
     long = sum(len(d.split()) > SEQ - 2 for d in documents)
     assert meta["counts"] == {"documents": 300, "empty": 0, "undecodable": 0, "long": long, "tokens": len(words),
                               "blocks": blocks, "dropped_tail_tokens": len(words) - blocks * (SEQ - 2)}
-    assert meta["special_ids"]["sep"] == tokenizer.sep_token_id and meta["vocab_size"] == len(tokenizer)
-    assert meta["sources"] == [{"path": str(corpus), "bytes": corpus.stat().st_size}] and meta["shard"] == "0/1"
+    assert meta["special_ids"]["sep"] == tokenizer.sep_token_id
+    assert meta["vocab_size"] == len(tokenizer)
+    assert meta["sources"] == [{"path": str(corpus), "bytes": corpus.stat().st_size}]
+    assert meta["shard"] == "0/1"
     assert meta["tokenizer_hash"] == prep.tokenizer_hash(tokenizer)
     assert sorted(os.listdir(prepared / "part-00000-of-00001")) == ["meta.json", "tokens.bin"]
 
@@ -88,7 +92,8 @@ def test_wordpiece_tokens_equal_whole_document_tokens_from_compressed_jsonl(tmp_
     prepare_corpus([str(tmp_path / "docs.jsonl.gz")], str(tmp_path / "wp"), str(tmp_path / "out"), max_seq_length=SEQ)
     tokens = all_tokens(tmp_path / "out")
     expected = [i for t in texts for i in [*tokenizer(t, add_special_tokens=False).input_ids, tokenizer.sep_token_id]]
-    assert tokens.tolist() == expected[: len(tokens)] and len(expected) - len(tokens) < SEQ - 2  # no word split
+    assert tokens.tolist() == expected[: len(tokens)]
+    assert len(expected) - len(tokens) < SEQ - 2
     decoded = tokenizer.decode(tokens[:40]).replace(" ", "")
     assert decoded == "".join(t.lower().replace(" ", "") + "[SEP]" for t in texts)[: len(decoded)]
 
@@ -106,8 +111,11 @@ def test_shards_hold_contiguous_halves(prepared, corpus, tiny_teacher, tokenizer
     for i, half in enumerate([documents[:150], documents[150:]]):
         words = stream_words(half)
         part = reader.blocks(np.arange(ends[i], ends[i + 1])).ravel()
-        assert tokenizer.decode(part) == " ".join(words[: len(part)]) and len(words) - len(part) < SEQ - 2
-    assert len(reader) == ends[-1] and reader.meta["counts"]["documents"] == 300 and len(reader.meta["sources"]) == 2
+        assert tokenizer.decode(part) == " ".join(words[: len(part)])
+        assert len(words) - len(part) < SEQ - 2
+    assert len(reader) == ends[-1]
+    assert reader.meta["counts"]["documents"] == 300
+    assert len(reader.meta["sources"]) == 2
 
 
 def test_two_processes_give_the_same_tokens(prepared, corpus, tiny_teacher, tmp_path):
@@ -127,7 +135,8 @@ def test_interrupted_prepare_leaves_no_readable_part(corpus, tiny_teacher, tmp_p
     with pytest.raises(CodirError, match="not a prepared corpus, run codir-ds prepare"):
         PreparedCorpus(str(tmp_path))
     prepare_corpus([str(corpus)], str(tiny_teacher), str(tmp_path), max_seq_length=SEQ)
-    assert os.listdir(tmp_path) == ["part-00000-of-00001"] and len(PreparedCorpus(str(tmp_path))) > 0
+    assert os.listdir(tmp_path) == ["part-00000-of-00001"]
+    assert len(PreparedCorpus(str(tmp_path))) > 0
 
 
 def test_rerun_reuses_and_changed_input_needs_overwrite(tiny_teacher, tmp_path, capsys):
@@ -136,11 +145,13 @@ def test_rerun_reuses_and_changed_input_needs_overwrite(tiny_teacher, tmp_path, 
     tokens_bin = prepare_corpus([str(corpus)], str(tiny_teacher), str(out), max_seq_length=SEQ) / "tokens.bin"
     stamp = tokens_bin.stat().st_mtime_ns
     prepare_corpus([str(corpus)], str(tiny_teacher), str(out), max_seq_length=SEQ)
-    assert tokens_bin.stat().st_mtime_ns == stamp and "up to date, reusing it" in capsys.readouterr().out
+    assert tokens_bin.stat().st_mtime_ns == stamp
+    assert "up to date, reusing it" in capsys.readouterr().out
     write_corpus(corpus, documents=60, seed=1)
     with pytest.raises(CodirError, match="other inputs.*--overwrite=true") as err:
         prepare_corpus([str(corpus)], str(tiny_teacher), str(out), max_seq_length=SEQ)
-    assert "\n" not in str(err.value) and str(out / "part-00000-of-00001") in str(err.value)
+    assert "\n" not in str(err.value)
+    assert str(out / "part-00000-of-00001") in str(err.value)
     prepare_corpus([str(corpus)], str(tiny_teacher), str(out), max_seq_length=SEQ, overwrite=True)
     assert PreparedCorpus(str(out)).meta["counts"]["documents"] == 60
 
@@ -204,7 +215,7 @@ def test_tokenizer_without_mask_token_is_refused(tiny_teacher, corpus, tmp_path)
 
 
 def test_check_tokenizer_refuses_another_vocabulary(prepared, tokenizer, tmp_path):
-    from conftest import write_tokenizer
+    from helpers import write_tokenizer
 
     PreparedCorpus(str(prepared)).check_tokenizer(tokenizer)
     other = write_tokenizer(tmp_path / "other", words=["x", "y", "z"])

@@ -3,8 +3,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, child_env
-from stage1 import tensorboard_scalars, write_corpus, write_run_config
+from helpers import REPO, child_env, tensorboard_scalars, write_corpus, write_run_config
 
 
 def pretrain(config, *overrides):
@@ -81,9 +80,6 @@ def test_missing_crashed_and_corrupt_checkpoints(config, tmp_path):
     message = one_line_error(pretrain(config, "--train.max_steps=5"))
     assert message.startswith(f"corrupt checkpoint {checkpoints / 'step_4'}")
 
-    (checkpoints / "step_4/rank_1.pt").write_bytes(b"")  # as if 2 ranks had written it
-    assert one_line_error(pretrain(config, "--train.max_steps=5")).startswith(
-        f"checkpoint {checkpoints / 'step_4'} was written by 2 ranks, this run has 1: resume with 2 ranks")
 
 
 def test_headless_teacher_turns_kd_off_with_a_notice(tmp_path, headless_teacher):
@@ -93,4 +89,5 @@ def test_headless_teacher_turns_kd_off_with_a_notice(tmp_path, headless_teacher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "has no trained MLM head; logit KD is off (loss.kd 0.5 -> 0)" in result.stdout
     scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
-    assert "loss/kd" not in scalars and len(scalars["loss/codir"]) == 2
+    assert "loss/kd" not in scalars
+    assert len(scalars["loss/codir"]) == 2

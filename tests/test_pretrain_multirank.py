@@ -6,23 +6,28 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, launch_worker
+from helpers import REPO, launch_worker, save_tiny_model, tensorboard_scalars, write_corpus, write_run_config
 from safetensors import safe_open
-from stage1 import tensorboard_scalars, write_corpus, write_run_config
 
 pytestmark = pytest.mark.multirank
 WORKER = REPO / "tests/workers/pretrain_worker.py"
 
 
-def launch(config, out, *extra):
-    return launch_worker(WORKER, config, out, *extra)
+def launch(config, out, *extra, ranks=2):
+    return launch_worker(WORKER, config, out, *extra, ranks=ranks)
 
 
 def test_zero2_run_lowers_loss_keeps_teacher_frozen_and_sharded_and_logs_everything(tmp_path, tiny_teacher):
     corpus = write_corpus(tmp_path / "corpus.txt")
     config = write_run_config(tmp_path, tiny_teacher, corpus, train={"max_steps": 40}, checkpoint={"every": 0},
-                              loss={"kd": 0.5})
+                              loss={"kd": 0.5}, data={"num_workers": 0})
     rank0, rank1 = launch(config, tmp_path)
+
+    # Each rank reads its own samples and masks them independently (the mask is a function of the sample index).
+    assert len(rank0["samples"]) == len(rank1["samples"]) == 40
+    assert not {i for batch in rank0["samples"] for i in batch} & {i for batch in rank1["samples"] for i in batch}
+    mask0, mask1 = np.array(rank0["first_mask"]), np.array(rank1["first_mask"])
+    assert (mask0 & mask1).sum() / mask1.sum() < 0.5  # independent masks share ~15% of positions; identical ones 100%
 
     total = [step["total"] for step in rank0["losses"]]
     assert np.mean(total[-5:]) < 0.8 * np.mean(total[3:8]), total  # queue full from step 3 on
@@ -32,17 +37,20 @@ def test_zero2_run_lowers_loss_keeps_teacher_frozen_and_sharded_and_logs_everyth
     # Teacher: frozen, unchanged, and each rank holds half of it (ZeRO-3 partitions).
     for facts in (rank0, rank1):
         assert facts["teacher_drift"] == 0.0
-        assert not facts["teacher_trainable"] and not facts["teacher_training_mode"]
+        assert not facts["teacher_trainable"]
+        assert not facts["teacher_training_mode"]
         assert facts["teacher_here"] == pytest.approx(facts["teacher_total"] / 2, rel=0.02)
     # Every rank holds the identical, full negative queue.
-    assert rank0["queue_sum"] == rank1["queue_sum"] and rank0["queue_filled"] == 24
+    assert rank0["queue_sum"] == rank1["queue_sum"]
+    assert rank0["queue_filled"] == 24
 
     scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
     for tag in ("loss/total", "loss/mlm", "loss/kd", "loss/codir", "lr", "throughput/tokens_per_s",
                 "throughput/samples_per_s", "codir/queue_fill", "codir/positive_similarity",
                 "codir/negative_similarity", "codir/top1_accuracy", "data/epoch", "data/consumed_samples"):
         assert len(scalars[tag]) == 40, tag
-    assert scalars["codir/queue_fill"][0] == pytest.approx(8 / 24) and scalars["codir/queue_fill"][-1] == 1.0
+    assert scalars["codir/queue_fill"][0] == pytest.approx(8 / 24)
+    assert scalars["codir/queue_fill"][-1] == 1.0
     assert max(scalars["lr"]) == pytest.approx(0.002)
     assert (tmp_path / "out/student/model.safetensors").is_file()
 
@@ -63,7 +71,8 @@ def test_zero3_student_resume_equals_uninterrupted_and_export_reloads_without_co
     assert not (parts / "out/student").exists()  # stopped early: checkpoint, no export
     resumed, _ = launch(config, parts, f"--probe={probe}")
 
-    assert len(first["losses"]) == 3 and len(resumed["losses"]) == 3
+    assert len(first["losses"]) == 3
+    assert len(resumed["losses"]) == 3
     assert first["losses"] + resumed["losses"] == uninterrupted["losses"]  # step for step, bit for bit
 
     # The export is a plain transformers model: load it in a process where codir_ds cannot be imported.
@@ -79,4 +88,43 @@ def test_zero3_student_resume_equals_uninterrupted_and_export_reloads_without_co
     exported = torch.tensor(json.loads(loaded.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(exported, torch.tensor(resumed["probe_logits"]), rtol=1e-5, atol=1e-5)
     exported_names = safe_open(str(parts / "out/student/model.safetensors"), "pt").keys()
-    assert exported_names and all(name.startswith(("bert.", "cls.")) for name in exported_names)  # no projection heads
+    assert exported_names
+    assert all(name.startswith(("bert.", "cls.")) for name in exported_names)
+
+
+def step_samples(facts_per_rank: list[dict], accumulation: int) -> list[set[int]]:
+    """The global sample ids each optimizer step trained on, from what every rank loaded."""
+    steps = len(facts_per_rank[0]["samples"]) // accumulation
+    return [{i for facts in facts_per_rank for batch in facts["samples"][s * accumulation:(s + 1) * accumulation] for i in batch}
+            for s in range(steps)]
+
+
+def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses(tmp_path):
+    """Same global batch (4 x 1 x 2 ranks = 4 x 2 x 1 rank): every step trains on the same samples with the
+    same masks, so losses match the uninterrupted run (CoDIR off: its in-batch negatives are the world's micro-batches)."""
+    teacher = save_tiny_model(tmp_path / "teacher", dropout=0.0)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    sections = {"train": {"max_steps": 6}, "loss": {"codir": 0.0, "kd": 0.5}, "data": {"num_workers": 0}}
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    reference = launch(write_run_config(whole, teacher, corpus, **sections), whole)
+    expected_samples, expected_losses = step_samples(reference, 1), reference[0]["losses"]
+    assert len(expected_samples) == 6
+    assert all(len(samples) == 8 for samples in expected_samples)
+
+    for first_ranks, second_ranks in ((2, 1), (1, 2)):
+        folder = tmp_path / f"{first_ranks}to{second_ranks}"
+        folder.mkdir()
+        config = write_run_config(folder, teacher, corpus, **sections)
+        accumulation = {2: 1, 1: 2}
+        first = launch(config, folder, "--stop_after=3", f"--train.gradient_accumulation_steps={accumulation[first_ranks]}",
+                       ranks=first_ranks)
+        resumed = launch(config, folder, f"--train.gradient_accumulation_steps={accumulation[second_ranks]}", ranks=second_ranks)
+        samples = step_samples(first, accumulation[first_ranks]) + step_samples(resumed, accumulation[second_ranks])
+        assert samples == expected_samples, (first_ranks, second_ranks)
+        losses = first[0]["losses"] + resumed[0]["losses"]
+        trained = ("total", "mlm", "kd")  # the CoDIR term (weight 0 here) is logged too, against world-sized negatives
+        for got, want in zip(losses, expected_losses, strict=True):
+            assert {k: got[k] for k in trained} == pytest.approx({k: want[k] for k in trained}, rel=1e-5), (first_ranks, second_ranks)
+        assert (folder / "out/student/model.safetensors").is_file()

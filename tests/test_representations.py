@@ -25,4 +25,5 @@ def test_layer_features_concatenate_chosen_layers_in_order():
     states = [torch.full((2, 3, 4), float(layer)) for layer in range(5)]
     feats = layer_features(states, [4, 2], torch.ones(2, 3), "mean")
     assert feats.shape == (2, 8)
-    assert feats[0, :4].eq(4).all() and feats[0, 4:].eq(2).all()
+    assert feats[0, :4].eq(4).all()
+    assert feats[0, 4:].eq(2).all()

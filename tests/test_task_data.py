@@ -1,7 +1,7 @@
 """Task data: GLUE files as GLUE distributes them, custom CSVs, label mapping, per-rank batches, clear errors."""
 import pytest
 import torch
-from stage2 import write_task
+from helpers import write_task
 
 from codir_ds.errors import CodirError
 from codir_ds.finetune.config import TaskConfig
@@ -29,10 +29,12 @@ def test_mnli_files_as_glue_ships_them(tmp_path, tokenizer):
     for name, label in (("dev_matched", "entailment"), ("dev_mismatched", "contradiction")):
         write_tsv(tmp_path / f"{name}.tsv", [header, [0, 1, 2, "x", "the a", "of and", label, label]])
     data = load(TaskConfig(name="MNLI", data_dir=str(tmp_path)), tokenizer)
-    assert data.task.labels == ("entailment", "neutral", "contradiction") and data.task.metrics == ("accuracy",)
+    assert data.task.labels == ("entailment", "neutral", "contradiction")
+    assert data.task.metrics == ("accuracy",)
     assert data.train["label"] == [1, 2]  # GLUE's label order
     assert list(data.dev) == ["dev_matched", "dev_mismatched"]
-    assert data.dev["dev_matched"]["label"] == [0] and data.dev["dev_mismatched"]["label"] == [2]
+    assert data.dev["dev_matched"]["label"] == [0]
+    assert data.dev["dev_mismatched"]["label"] == [2]
     assert data.train[0]["token_type_ids"].count(1) > 0  # a sentence pair: the second segment is marked
 
 
@@ -41,14 +43,18 @@ def test_headerless_cola_and_regression_stsb(tmp_path, tokenizer):
     write_tsv(tmp_path / "cola" / "train.tsv", [["gj04", 1, "", "the a of"], ["gj04", 0, "*", "of of the"]])
     write_tsv(tmp_path / "cola" / "dev.tsv", [["gj04", 1, "", "a the"]])
     cola = load(TaskConfig(name="cola", data_dir=str(tmp_path / "cola")), tokenizer)
-    assert cola.train["label"] == [1, 0] and cola.task.metrics == ("matthews",)
+    assert cola.train["label"] == [1, 0]
+    assert cola.task.metrics == ("matthews",)
     (tmp_path / "stsb").mkdir()
     header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
     write_tsv(tmp_path / "stsb" / "train.tsv", [header, [0, "g", "f", 2012, 1, "s", "s", "the a", "a the", 3.8]])
     write_tsv(tmp_path / "stsb" / "dev.tsv", [header, [0, "g", "f", 2012, 1, "s", "s", "of", "and", "0.25"]])
     stsb = load(TaskConfig(name="sts-b", data_dir=str(tmp_path / "stsb")), tokenizer)
-    assert stsb.task.regression and stsb.task.num_labels == 1 and stsb.task.metrics == ("pearson", "spearman")
-    assert stsb.train["label"] == [pytest.approx(3.8)] and stsb.dev["dev"]["label"] == [pytest.approx(0.25)]
+    assert stsb.task.regression
+    assert stsb.task.num_labels == 1
+    assert stsb.task.metrics == ("pearson", "spearman")
+    assert stsb.train["label"] == [pytest.approx(3.8)]
+    assert stsb.dev["dev"]["label"] == [pytest.approx(0.25)]
 
 
 def test_custom_csv_labels_default_to_the_sorted_train_values(tmp_path, tokenizer):
@@ -97,9 +103,11 @@ def test_epoch_batches_split_each_epoch_across_ranks_and_resume(tmp_path, tokeni
     assert len(epoch0) == len(set(epoch0)) == 48
     state = ranks[0].state_dict()
     after = [ranks[0].next_batch()["idx"].tolist() for _ in range(3)]
-    assert ranks[0].epoch == 1 and after[0] != seen[0][0]  # a new shuffle in the next epoch
+    assert ranks[0].epoch == 1
+    assert after[0] != seen[0][0]
     resumed = EpochBatches(data.train, tokenizer, 4, 0, 2, seed=7)
     resumed.load_state_dict(state)
     assert [resumed.next_batch()["idx"].tolist() for _ in range(3)] == after
     batch = ranks[1].next_batch()
-    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["labels"].dtype == torch.long
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["labels"].dtype == torch.long

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
-from ..checkpoint import save_checkpoint, seed_everything
+from ..checkpoint import find_resume, save_checkpoint, seed_everything
 from ..distributed import (
     all_gather_rows,
     barrier,
@@ -108,6 +108,9 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
         cfg.train.epochs * batches.per_epoch / cfg.train.gradient_accumulation_steps)))
     cfg = dataclasses.replace(cfg, train=train_cfg)
     ds_config = load_ds_config(cfg.train, world_size())
+    resume = find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
+    if resume:  # stage 2's data order and negative sampler are per rank: same world size only, checked before any work
+        resume.require_same_world(cfg.checkpoint_dir)
 
     token_level = cfg.loss.beta > 0 and INTERMEDIATE_LOSSES[cfg.loss.intermediate].teacher_input == "tokens"
     teacher = build_task_teacher(cfg, plan, ds_config, with_states=token_level) if cfg.distils else None
@@ -123,8 +126,8 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
     sampler = torch.Generator().manual_seed(cfg.train.seed + rank())
     run = FinetuneRun(cfg, data, student, teacher, bank, queue, batches, sampler)
 
-    result = train(cfg, student, _stage(run, plan, steps_per_epoch=max(1, batches.per_epoch // cfg.train.gradient_accumulation_steps)),
-                   tokenizer, stop_after)
+    steps_per_epoch = max(1, batches.per_epoch // cfg.train.gradient_accumulation_steps)
+    result = train(cfg, student, _stage(run, plan, steps_per_epoch), tokenizer, resume, stop_after)
     run.losses = result.history
     if cfg.output.export and result.done == cfg.train.max_steps:
         _export(run, export_name)

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from ..checkpoint import seed_everything, seed_rank
+from ..checkpoint import find_resume, seed_everything, seed_rank
 from ..distributed import (
     all_gather_rows,
     barrier,
@@ -31,6 +31,7 @@ from ..loop import Stage, train
 from ..losses import contrastive_stats
 from ..models import ModelPlan, build_student, load_teacher, load_tokenizer, plan_models
 from ..negatives import NegativeQueue
+from ..universal import elastic_ds_config
 from .config import PretrainConfig
 from .data import MicroBatches, micro_batch_loader, training_corpus
 from .modules import LossWeights, StudentWithHeads, TeacherFeatures
@@ -70,6 +71,9 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
     corpus = training_corpus(cfg.data, tokenizer, Path(cfg.output.dir))
+    resume = find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
+    if resume and resume.elastic:
+        ds_config = elastic_ds_config(cfg.checkpoint_dir, resume, ds_config)
 
     teacher = build_teacher_engine(cfg, plan, ds_config, with_logits=weights.kd > 0)
     student = build_student_engine(cfg, plan, ds_config, weights)
@@ -79,7 +83,7 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
                         cfg.train.seed, cfg.data.mlm_probability)
     run = PretrainRun(student, teacher, queue, plan, data, cfg.codir.temperature, cfg.data.num_workers)
 
-    result = train(cfg, student, _stage(run, cfg), tokenizer, stop_after)
+    result = train(cfg, student, _stage(run, cfg), tokenizer, resume, stop_after)
     run.batches = None  # ends the loader's workers
     run.losses = result.history
     if cfg.output.export and result.done == cfg.train.max_steps:
@@ -97,7 +101,7 @@ def _stage(run: PretrainRun, cfg: PretrainConfig) -> Stage:
                f"{student_total / 1e6:.2f}M, layer map {run.plan.layer_map}, dtype {run.student.get_data_types()[0]}, "
                f"corpus {counts['blocks']:,} blocks of {run.data.corpus.block_length} tokens from {counts['documents']:,} documents")
     return Stage(micro_step=lambda: micro_step(run), rank_state=lambda: _rank_state(run), restore=lambda state: _restore(run, state),
-                 scalars=lambda: _scalars(run), tokens_per_sample=cfg.data.max_seq_length, summary=summary)
+                 scalars=lambda: _scalars(run), tokens_per_sample=cfg.data.max_seq_length, summary=summary, elastic=True)
 
 
 def micro_step(run: PretrainRun) -> dict[str, torch.Tensor]:

@@ -9,10 +9,12 @@ from safetensors.torch import load_file
 from codir_ds.config import load_config
 from codir_ds.distributed import rank, shutdown
 from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.pretrain.data import MicroBatches
 from codir_ds.pretrain.run import run_pretraining
 
 
 def main(config: str, out: str, stop_after: int | None = None, probe: list | None = None, local_rank: int = 0, **overrides):
+    loaded = record_loaded_samples()
     run = run_pretraining(load_config(PretrainConfig, config, overrides), stop_after=stop_after)
     teacher = run.teacher.module.teacher
     on_disk = load_file(f"{teacher.name_or_path}/model.safetensors")
@@ -29,6 +31,8 @@ def main(config: str, out: str, stop_after: int | None = None, probe: list | Non
         "teacher_training_mode": teacher.training,
         "queue_sum": run.queue.contents()[0].double().sum().item(),
         "queue_filled": run.queue.filled,
+        "samples": list(loaded),  # global sample indices of each micro-batch this rank loaded, in order (data.num_workers=0)
+        "first_mask": run.data[0]["labels"].ne(-100).tolist(),  # where this rank's first micro-batch is masked
     }
     if probe:  # the student's logits on fixed input, to compare with the exported model
         ids = torch.tensor(probe, device=run.student.device)  # fire parses the JSON list
@@ -38,6 +42,20 @@ def main(config: str, out: str, stop_after: int | None = None, probe: list | Non
     with open(f"{out}/rank{rank()}.json", "w") as handle:
         json.dump(facts, handle)
     shutdown()
+
+
+def record_loaded_samples() -> list[list[int]]:
+    """Note the sample indices of every micro-batch loaded in this process (the loader runs in-process when
+    data.num_workers=0)."""
+    loaded, load = [], MicroBatches.__getitem__
+
+    def recording(self, j):
+        batch = load(self, j)
+        loaded.append(batch["sample_index"].tolist())
+        return batch
+
+    MicroBatches.__getitem__ = recording
+    return loaded
 
 
 if __name__ == "__main__":
