@@ -13,6 +13,7 @@
 Without --corpus the demo corpus (Wikipedia + news) and MiniLM teacher are used. Tokenizers run one thread per
 process (TOKENIZERS_PARALLELISM=false). Medians of `repeats`, variants interleaved. Prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import os
@@ -103,8 +104,7 @@ def main(corpus: str = "", teacher: str = "", repeats: int = 5, batches: int = 1
         corpus, teacher = config["data"]["files"][0], config["teacher"]["path"]
     teacher = teacher or str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    documents = [json.loads(line)["text"] for line in Path(corpus).open()] if corpus.endswith(".jsonl") else \
-        Path(corpus).read_text().splitlines()
+    documents = [json.loads(line)["text"] for line in Path(corpus).open()] if corpus.endswith(".jsonl") else Path(corpus).read_text().splitlines()
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
 
     # (a) prepare vs the tokenizer
@@ -142,25 +142,43 @@ def main(corpus: str = "", teacher: str = "", repeats: int = 5, batches: int = 1
 
     rows = [
         ("(a) tokenizer alone, 1 process, batched call", f"{reference:.2f} MB/s, {tokens / seconds['tokenizer']:,.0f} tokens/s", "reference"),
-        *[(f"(a) prepare, {v}", f"{megabytes / seconds[v]:.2f} MB/s, {tokens / seconds[v]:,.0f} tokens/s",
-           f"per process {megabytes / seconds[v] / procs / reference:.0%} of the tokenizer"
-           + (f"; {seconds['1 process'] / seconds[v]:.2f}x 1 process" if procs > 1 else "")) for v, (_, procs) in variants.items()],
+        *[
+            (
+                f"(a) prepare, {v}",
+                f"{megabytes / seconds[v]:.2f} MB/s, {tokens / seconds[v]:,.0f} tokens/s",
+                f"per process {megabytes / seconds[v] / procs / reference:.0%} of the tokenizer"
+                + (f"; {seconds['1 process'] / seconds[v]:.2f}x 1 process" if procs > 1 else ""),
+            )
+            for v, (_, procs) in variants.items()
+        ],
         ("(b) tokenise + pack + collate inside the step (the old stream's work)", f"{old:,.0f} tokens/s", "reference"),
         ("(b) MicroBatches, in process", f"{wall[0]:,.0f} tokens/s", f"{wall[0] / old:.1f}x old stream"),
-        *[(f"(b) DataLoader, {w} worker{'s' if w > 1 else ''}", f"{wall[w]:,.0f} tokens/s total, {wall[w] / w:,.0f} per worker",
-           f"{cpu[w]:,.0f} tokens per worker CPU second; main process {main_cpu[w]:.0f} us CPU per batch; "
-           f"{wall[w] / w / old:.1f}x old stream") for w in (1, 2)],
-        *[(f"(c) first batch at sample {s:,}, {w} workers", f"{resume[s, w]:.3f} s", f"{blocks:,} blocks of {reader.block_length}")
-          for s in (0, end) for w in (0, 2)],
+        *[
+            (
+                f"(b) DataLoader, {w} worker{'s' if w > 1 else ''}",
+                f"{wall[w]:,.0f} tokens/s total, {wall[w] / w:,.0f} per worker",
+                f"{cpu[w]:,.0f} tokens per worker CPU second; main process {main_cpu[w]:.0f} us CPU per batch; {wall[w] / w / old:.1f}x old stream",
+            )
+            for w in (1, 2)
+        ],
+        *[
+            (f"(c) first batch at sample {s:,}, {w} workers", f"{resume[s, w]:.3f} s", f"{blocks:,} blocks of {reader.block_length}")
+            for s in (0, end)
+            for w in (0, 2)
+        ],
     ]
-    print(f"\ncorpus {corpus}: {megabytes:.1f} MB, {len(documents)} documents, {tokens:,} tokens; teacher {teacher}; "
-          f"{os.cpu_count()} CPUs; median of {repeats}; first half of the documents = {half_bytes / megabytes:.0%} of the bytes "
-          "(prepare's 2 processes get contiguous halves)\n")
+    print(
+        f"\ncorpus {corpus}: {megabytes:.1f} MB, {len(documents)} documents, {tokens:,} tokens; teacher {teacher}; "
+        f"{os.cpu_count()} CPUs; median of {repeats}; first half of the documents = {half_bytes / megabytes:.0%} of the bytes "
+        "(prepare's 2 processes get contiguous halves)\n"
+    )
     print("| measurement | rate | comparison |")
     print("| --- | --- | --- |")
     print("\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows))
-    print(f"\nloader {wall[2] / 2:.0f} tokens/s per worker; prepare {megabytes / seconds['1 process']:.2f} MB/s per process; "
-          f"resume at end {max(resume[end, w] for w in (0, 2)):.3f} s")
+    print(
+        f"\nloader {wall[2] / 2:.0f} tokens/s per worker; prepare {megabytes / seconds['1 process']:.2f} MB/s per process; "
+        f"resume at end {max(resume[end, w] for w in (0, 2)):.3f} s"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ and vs the student alone, all measured in one run (variants interleaved).
 (c) cached: CE + KD + CoDIR, the teacher's features and logits read from the memory bank.
 The one-time pass that fills the bank is timed too. Prints a Markdown table; medians of `repeats`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,8 +40,14 @@ def write_inputs(folder: Path, shape: dict, examples: int) -> tuple[Path, Path, 
     teacher.mkdir(parents=True)
     (teacher / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *VOCAB]) + "\n")
     BertTokenizer(vocab=str(teacher / "vocab.txt")).save_pretrained(teacher)
-    config = BertConfig(vocab_size=len(VOCAB) + 5, hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-                        num_attention_heads=shape["heads"], intermediate_size=4 * shape["hidden"], num_labels=2)
+    config = BertConfig(
+        vocab_size=len(VOCAB) + 5,
+        hidden_size=shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        intermediate_size=4 * shape["hidden"],
+        num_labels=2,
+    )
     BertForSequenceClassification(config).save_pretrained(teacher)
     rng = random.Random(0)
     files = []
@@ -56,12 +63,22 @@ def write_inputs(folder: Path, shape: dict, examples: int) -> tuple[Path, Path, 
 
 def build_run(folder: Path, teacher: Path, train: Path, dev: Path, shape: dict, distil: bool) -> FinetuneRun:
     overrides = {
-        "task.train_file": str(train), "task.dev_files": [str(dev)], "task.max_seq_length": shape["seq"],
-        "teacher.path": str(teacher), "teacher.live": True, "teacher.zero3": False,
-        "student.init": "teacher_layers", "train.micro_batch_size": shape["batch"], "train.max_steps": 10_000,
-        "train.deepspeed_config": "ds_configs/cpu_zero0.json", "eval.every": 10_000,
-        "checkpoint.every": 0, "output.dir": str(folder), "output.export": False,
-        "loss.alpha": 0.5 if distil else 0.0, "loss.beta": 1.0 if distil else 0.0,
+        "task.train_file": str(train),
+        "task.dev_files": [str(dev)],
+        "task.max_seq_length": shape["seq"],
+        "teacher.path": str(teacher),
+        "teacher.live": True,
+        "teacher.zero3": False,
+        "student.init": "teacher_layers",
+        "train.micro_batch_size": shape["batch"],
+        "train.max_steps": 10_000,
+        "train.deepspeed_config": "ds_configs/cpu_zero0.json",
+        "eval.every": 10_000,
+        "checkpoint.every": 0,
+        "output.dir": str(folder),
+        "output.export": False,
+        "loss.alpha": 0.5 if distil else 0.0,
+        "loss.beta": 1.0 if distil else 0.0,
     }
     return run_finetuning(load_config(FinetuneConfig, None, overrides), stop_after=1)
 
@@ -97,15 +114,19 @@ def main(shape: str = "minilm", repeats: int = 5, steps: int = 5, examples: int 
                 times[name].append(seconds_per_step(step, steps))
     medians = {name: statistics.median(values) for name, values in times.items()}
     base = medians["(a) student alone (CE)"]
-    print(f"shape {shape}: teacher {dims['layers']}x{dims['hidden']}, student {dims['layers'] // 2} layers, "
-          f"batch {dims['batch']} x {dims['seq']} tokens, K={codir.cfg.codir.num_negatives}, "
-          f"{torch.get_num_threads()} threads, median of {repeats} x {steps} steps\n")
+    print(
+        f"shape {shape}: teacher {dims['layers']}x{dims['hidden']}, student {dims['layers'] // 2} layers, "
+        f"batch {dims['batch']} x {dims['seq']} tokens, K={codir.cfg.codir.num_negatives}, "
+        f"{torch.get_num_threads()} threads, median of {repeats} x {steps} steps\n"
+    )
     print("| variant | ms/step | steps/s | vs student alone |\n| --- | ---: | ---: | ---: |")
     for name, seconds in medians.items():
         print(f"| {name} | {seconds * 1e3:.1f} | {1 / seconds:.2f} | {seconds / base:.2f}x |")
     live, cached = medians["(b) CE + KD + CoDIR, live teacher each step"], medians["(c) CE + KD + CoDIR, memory bank + cached logits"]
-    print(f"\ncached / live step time: {cached / live:.2f} ({live / cached:.2f}x the steps/s); one-time bank pass over "
-          f"{examples} examples: {bank_seconds:.1f} s (= {bank_seconds / (live - cached) if live > cached else float('nan'):.0f} steps' saving)")
+    print(
+        f"\ncached / live step time: {cached / live:.2f} ({live / cached:.2f}x the steps/s); one-time bank pass over "
+        f"{examples} examples: {bank_seconds:.1f} s (= {bank_seconds / (live - cached) if live > cached else float('nan'):.0f} steps' saving)"
+    )
 
 
 if __name__ == "__main__":

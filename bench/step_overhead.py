@@ -9,6 +9,7 @@
 The CoDIR part (pooling, heads, InfoNCE over the batch + K negatives, forward and backward) is timed
 alone on the same shapes and reported as a share of (c). Prints a Markdown table; medians of `repeats`.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -67,8 +68,14 @@ def timed(step) -> float:
 
 def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, callable]:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-                        num_attention_heads=shape["heads"], intermediate_size=4 * shape["hidden"], max_position_embeddings=512)
+    config = BertConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        intermediate_size=4 * shape["hidden"],
+        max_position_embeddings=512,
+    )
     BertForMaskedLM(config).save_pretrained(folder)
     batch = synthetic_batch(shape, torch.Generator().manual_seed(1))
 
@@ -88,11 +95,21 @@ def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, ca
 
     variants = {"(a) student alone, MLM": student_alone, "(b) plain floor: teacher fwd + student": plain_floor}
     for label, zero3, ds_config_path in CODIR_VARIANTS:
-        cfg = load_config(PretrainConfig, None, {
-            "teacher.path": str(folder), "teacher.zero3": zero3, "data.files": ["unused"], "loss.kd": 0.0,
-            "codir.queue_length": queue_length, "train.micro_batch_size": shape["batch"], "train.max_steps": 10**6,
-            "data.max_seq_length": shape["seq"], "train.deepspeed_config": ds_config_path,
-        })
+        cfg = load_config(
+            PretrainConfig,
+            None,
+            {
+                "teacher.path": str(folder),
+                "teacher.zero3": zero3,
+                "data.files": ["unused"],
+                "loss.kd": 0.0,
+                "codir.queue_length": queue_length,
+                "train.micro_batch_size": shape["batch"],
+                "train.max_steps": 10**6,
+                "data.max_seq_length": shape["seq"],
+                "train.deepspeed_config": ds_config_path,
+            },
+        )
         plan = plan_models(cfg)
         ds_config = load_ds_config(cfg.train, world_size=1)
         teacher_engine = build_teacher_engine(cfg, plan, ds_config, with_logits=False)
@@ -135,7 +152,7 @@ def main(shapes: str = "tiny,paper", repeats: int = 5, queue_length: int = 4096)
             times = {label: [] for label in variants}
             for round_ in range(repeats + 1):  # round 0 warms up
                 labels = list(variants)
-                for label in labels[round_ % len(labels):] + labels[: round_ % len(labels)]:  # rotate the order
+                for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:  # rotate the order
                     elapsed = timed(variants[label])
                     if round_:
                         times[label].append(elapsed)

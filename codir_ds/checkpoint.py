@@ -3,6 +3,7 @@
 A checkpoint is written into `<tag>.partial/` and becomes visible only when rank 0 renames it to
 `<tag>/` and then atomically replaces the `latest` file: a crash mid-save leaves the previous one usable.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,9 +82,11 @@ class Resume:
     def require_same_world(self, folder: Path) -> None:
         """For state that cannot move to another world size: fail unless this run has the writer's ranks."""
         if self.elastic:
-            raise CodirError(f"checkpoint {folder / self.tag} was written by {self.world} ranks, this run has {world_size()}: "
-                             f"resume with {self.world} ranks, or export it and start a new run from the export "
-                             f"(student.init=checkpoint)")
+            raise CodirError(
+                f"checkpoint {folder / self.tag} was written by {self.world} ranks, this run has {world_size()}: "
+                f"resume with {self.world} ranks, or export it and start a new run from the export "
+                f"(student.init=checkpoint)"
+            )
 
 
 def find_resume(directory: Path, resume: str) -> Resume | None:

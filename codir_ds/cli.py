@@ -1,6 +1,7 @@
 """Command line: `deepspeed launch/pretrain.py --config run.yaml --codir.temperature=0.05 ...`,
 `deepspeed launch/finetune.py [teacher] --config task.yaml ...` and `python -m codir_ds export CHECKPOINT_DIR OUT_DIR`.
 Each takes --help (-h); that of a run command lists every config key, generated from its config dataclass."""
+
 from __future__ import annotations
 
 import inspect
@@ -34,8 +35,7 @@ def pretrain(config: str | None = None, local_rank: int | None = None, **overrid
     shutdown()
 
 
-def finetune(command: Literal["distill", "teacher"] = "distill", config: str | None = None, local_rank: int | None = None,
-             **overrides: Any) -> None:
+def finetune(command: Literal["distill", "teacher"] = "distill", config: str | None = None, local_rank: int | None = None, **overrides: Any) -> None:
     """Stage 2: task finetuning distillation of the task-finetuned teacher into the student.
 
     `distill` (default): distil the finetuned teacher into the student on the task; `teacher`: finetune
@@ -56,8 +56,18 @@ def finetune(command: Literal["distill", "teacher"] = "distill", config: str | N
     shutdown()
 
 
-def prepare(*sources: str, tokenizer: str = "", out: str = "", max_seq_length: int = 128, text_column: str = "text",
-            num_proc: int = 1, shard: str = "0/1", dataset_config: str = "", split: str = "train", overwrite: bool = False) -> None:
+def prepare(
+    *sources: str,
+    tokenizer: str = "",
+    out: str = "",
+    max_seq_length: int = 128,
+    text_column: str = "text",
+    num_proc: int = 1,
+    shard: str = "0/1",
+    dataset_config: str = "",
+    split: str = "train",
+    overwrite: bool = False,
+) -> None:
     """Tokenise and pack a stage-1 corpus once into a folder that `data.prepared` reads.
 
     SOURCES: files, globs or one `datasets` hub name. `--tokenizer`: the teacher's folder; `--out`: the folder to
@@ -119,8 +129,12 @@ def command_help(command: Callable, prog: str) -> str:
     text = [textwrap.fill(" ".join(usage), 110, initial_indent="usage: ", subsequent_indent="  "), "", inspect.getdoc(command)]
     text += ["", "arguments (by position, or as --name=value):", *rows] if rows else []
     if command.__name__ in CONFIG_CLASSES:
-        text += ["", "config keys: `section: {key: value}` in the --config file, --section.key=value on the command line",
-                 "", config_help(CONFIG_CLASSES[command.__name__])]
+        text += [
+            "",
+            "config keys: `section: {key: value}` in the --config file, --section.key=value on the command line",
+            "",
+            config_help(CONFIG_CLASSES[command.__name__]),
+        ]
     return "\n".join(text)
 
 
@@ -149,5 +163,14 @@ def run_command(command: Callable | dict[str, Callable], argv: list[str] | None 
 
 
 def main() -> None:
-    run_command({"prepare": prepare, "pretrain": pretrain, "finetune": finetune, "export": export, "demo": demo,
-                 "demo_finetune": demo_finetune, "report": report})
+    run_command(
+        {
+            "prepare": prepare,
+            "pretrain": pretrain,
+            "finetune": finetune,
+            "export": export,
+            "demo": demo,
+            "demo_finetune": demo_finetune,
+            "report": report,
+        }
+    )

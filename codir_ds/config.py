@@ -2,6 +2,7 @@
 
 Every key and type is checked when the config is loaded, before any model or data is touched.
 """
+
 from __future__ import annotations
 
 import dataclasses

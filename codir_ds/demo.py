@@ -1,6 +1,7 @@
 """The embedded demos: a real pretrained teacher (MiniLM-L6), real English text and real labelled reviews,
 all installed from package registries (no hub downloads). `prepare_demo` writes the stage-1 corpus and
 run config; `prepare_finetune_demo` the Rotten Tomatoes task and its stage-2 configs."""
+
 from __future__ import annotations
 
 import bz2
@@ -36,8 +37,7 @@ def prepare_demo(out_dir: str = "runs/demo", max_steps: int = 120) -> str:
         "student": {"num_layers": 3},  # initialised from teacher layers 2, 4, 6
         "codir": {"queue_length": 1024},
         "data": {"files": [str(corpus)], "max_seq_length": 128},
-        "train": {"deepspeed_config": "ds_configs/cpu_small.json", "micro_batch_size": 8, "lr": 3e-4,
-                  "warmup_steps": 10, "max_steps": max_steps},
+        "train": {"deepspeed_config": "ds_configs/cpu_small.json", "micro_batch_size": 8, "lr": 3e-4, "warmup_steps": 10, "max_steps": max_steps},
         "logging": {"every": 5},
         "checkpoint": {"every": 50},
         "output": {"dir": str(out)},
@@ -82,8 +82,9 @@ def _gensim_data(name: str) -> Path:
 ROTTEN_TOMATOES = "rotten_tomatoes_corpus_full.csv.bz2"
 
 
-def prepare_finetune_demo(out_dir: str = "runs/demo_rt", student: str = "runs/demo/student", train_examples: int = 4000,
-                          dev_examples: int = 1000) -> tuple[str, str]:
+def prepare_finetune_demo(
+    out_dir: str = "runs/demo_rt", student: str = "runs/demo/student", train_examples: int = 4000, dev_examples: int = 1000
+) -> tuple[str, str]:
     """Write the Rotten Tomatoes task (fresh vs rotten review snippets; plot rows dropped) as train/dev CSVs,
     and two run configs: `teacher.yaml` (finetune MiniLM-L6 on it) and `distill.yaml` (distil into the
     stage-1 demo's student). Returns both config paths."""
@@ -92,18 +93,31 @@ def prepare_finetune_demo(out_dir: str = "runs/demo_rt", student: str = "runs/de
     out = Path(out_dir)
     write_rotten_tomatoes(out, train_examples, dev_examples)
     common = {
-        "task": {"name": "custom", "train_file": str(out / "train.csv"), "dev_files": [str(out / "dev.csv")],
-                 "labels": ["rotten", "fresh"], "max_seq_length": 64},
+        "task": {
+            "name": "custom",
+            "train_file": str(out / "train.csv"),
+            "dev_files": [str(out / "dev.csv")],
+            "labels": ["rotten", "fresh"],
+            "max_seq_length": 64,
+        },
         "train": {"deepspeed_config": "ds_configs/cpu_small.json", "micro_batch_size": 16, "warmup_steps": 10},
         "logging": {"every": 5},
         "checkpoint": {"every": 0},
     }
-    teacher = {**common, "teacher": {"path": str(minilm_path())}, "train": {**common["train"], "epochs": 1, "lr": 5e-5},
-               "output": {"dir": str(out / "teacher_run")}}
-    distill = {**common, "teacher": {"path": str(out / "teacher_run" / "teacher")},
-               "student": {"init": "checkpoint", "checkpoint": str(student)},
-               "codir": {"negatives": "bank", "num_negatives": 100},
-               "train": {**common["train"], "epochs": 2, "lr": 1e-4}, "output": {"dir": str(out)}}
+    teacher = {
+        **common,
+        "teacher": {"path": str(minilm_path())},
+        "train": {**common["train"], "epochs": 1, "lr": 5e-5},
+        "output": {"dir": str(out / "teacher_run")},
+    }
+    distill = {
+        **common,
+        "teacher": {"path": str(out / "teacher_run" / "teacher")},
+        "student": {"init": "checkpoint", "checkpoint": str(student)},
+        "codir": {"negatives": "bank", "num_negatives": 100},
+        "train": {**common["train"], "epochs": 2, "lr": 1e-4},
+        "output": {"dir": str(out)},
+    }
     paths = []
     for name, config in (("teacher", teacher), ("distill", distill)):
         path = out / f"{name}.yaml"

@@ -1,4 +1,5 @@
 """Collective helpers on DeepSpeed's communication API (NCCL on GPUs, gloo/shm on CPU)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """DeepSpeed configs: read the user's JSON, fill "auto" values from the run config, derive the teacher's."""
+
 from __future__ import annotations
 
 import copy
@@ -42,7 +43,7 @@ def load_ds_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     if config["train_batch_size"] != auto["train_batch_size"] or config["train_micro_batch_size_per_gpu"] != train.micro_batch_size:
         raise CodirError(
             f"train.deepspeed_config: batch sizes in {path} disagree with the run config "
-            f"(train.micro_batch_size={train.micro_batch_size}); write them as \"auto\""
+            f'(train.micro_batch_size={train.micro_batch_size}); write them as "auto"'
         )
     return config
 
@@ -72,5 +73,5 @@ def _reject_leftover_auto(node: Any, path: str, prefix: str) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             if value == "auto":
-                raise CodirError(f"train.deepspeed_config: {path} has \"auto\" for {prefix}{key}, which codir-ds cannot fill")
+                raise CodirError(f'train.deepspeed_config: {path} has "auto" for {prefix}{key}, which codir-ds cannot fill')
             _reject_leftover_auto(value, path, f"{prefix}{key}.")

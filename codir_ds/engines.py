@@ -1,4 +1,5 @@
 """DeepSpeed engines for both stages: the frozen (optionally ZeRO-3 partitioned) teacher and the trained student."""
+
 from __future__ import annotations
 
 import gc
@@ -13,8 +14,9 @@ from .ds_config import teacher_ds_config
 from .errors import CodirError, error_line
 
 
-def teacher_engine(load: Callable[[], PreTrainedModel], wrap: Callable[[PreTrainedModel], nn.Module],
-                   student_ds_config: dict, partition: bool) -> deepspeed.DeepSpeedEngine:
+def teacher_engine(
+    load: Callable[[], PreTrainedModel], wrap: Callable[[PreTrainedModel], nn.Module], student_ds_config: dict, partition: bool
+) -> deepspeed.DeepSpeedEngine:
     """Inference engine of the frozen teacher; with `partition` it is loaded already partitioned (ZeRO-3 zero.Init)."""
     config = teacher_ds_config(student_ds_config, partition=partition)
     loading = HfDeepSpeedConfig(config) if partition else None  # must live while from_pretrained runs

@@ -1,4 +1,5 @@
 """Export: consolidate a (ZeRO-sharded) checkpoint into a plain Hugging Face student folder."""
+
 from __future__ import annotations
 
 import copy
@@ -39,14 +40,16 @@ def export_student(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | N
         raise CodirError(f"export: {checkpoint_dir} is not a codir-ds checkpoint folder (no {STUDENT_SPEC}/)")
     tag = tag or _latest(checkpoint_dir)
     state = _consolidated_state(checkpoint_dir, tag)
-    student_state = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    student_state = {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
     config = AutoConfig.from_pretrained(spec)
     model_class = getattr(transformers, (config.architectures or [""])[0], None)
     model = model_class(config) if model_class else AutoModelForMaskedLM.from_config(config)
     try:
         model.load_state_dict(student_state, strict=True)
     except RuntimeError as err:
-        raise CodirError(f"export: checkpoint {checkpoint_dir / tag} does not match its student config: {error_line(err, index=1, limit=200)}") from None
+        raise CodirError(
+            f"export: checkpoint {checkpoint_dir / tag} does not match its student config: {error_line(err, index=1, limit=200)}"
+        ) from None
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(spec).save_pretrained(out_dir)
     return out_dir

@@ -1,4 +1,5 @@
 """Which teacher layer each student layer learns from."""
+
 from __future__ import annotations
 
 from .errors import CodirError
@@ -7,9 +8,7 @@ from .errors import CodirError
 def uniform_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
     """Teacher layer (1-based) for student layers 1..N: m(i) = floor(i * M / N); 6 of 12 gives 2,4,...,12."""
     if not 1 <= num_student_layers <= num_teacher_layers:
-        raise CodirError(
-            f"student depth {num_student_layers} must be between 1 and the teacher's depth {num_teacher_layers}"
-        )
+        raise CodirError(f"student depth {num_student_layers} must be between 1 and the teacher's depth {num_teacher_layers}")
     return [i * num_teacher_layers // num_student_layers for i in range(1, num_student_layers + 1)]
 
 
@@ -18,12 +17,8 @@ def resolve_layer_map(explicit: list[int] | None, num_student_layers: int, num_t
     if explicit is None:
         return uniform_layer_map(num_student_layers, num_teacher_layers)
     if len(explicit) != num_student_layers:
-        raise CodirError(
-            f"codir.layer_map: {explicit} has {len(explicit)} entries but the student has {num_student_layers} layers"
-        )
+        raise CodirError(f"codir.layer_map: {explicit} has {len(explicit)} entries but the student has {num_student_layers} layers")
     beyond = [layer for layer in explicit if not 1 <= layer <= num_teacher_layers]
     if beyond:
-        raise CodirError(
-            f"codir.layer_map: teacher layer(s) {beyond} outside 1..{num_teacher_layers} (the teacher's depth)"
-        )
+        raise CodirError(f"codir.layer_map: teacher layer(s) {beyond} outside 1..{num_teacher_layers} (the teacher's depth)")
     return list(explicit)

@@ -4,6 +4,7 @@ A stage brings a `Stage`: its micro-step (one forward/backward/step returning de
 the state its checkpoints carry beside DeepSpeed's, its extra scalars and an after-step hook (stage 2
 evaluates there). Everything else (resume, student spec, monitor, stop requests) is written once here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -68,8 +69,14 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
             result.history.append(logged)
         stage.after_step(step, monitor)
         result.done = step
-        if end_of_step(stop, step, last, cfg.checkpoint.every, engine.device,
-                       lambda: save_checkpoint(engine, checkpoints, step, stage.rank_state(), cfg.checkpoint.keep)):
+        if end_of_step(
+            stop,
+            step,
+            last,
+            cfg.checkpoint.every,
+            engine.device,
+            lambda: save_checkpoint(engine, checkpoints, step, stage.rank_state(), cfg.checkpoint.keep),
+        ):
             break
     stop.close()
     monitor.close()
@@ -80,5 +87,4 @@ def _announce(cfg, stage: Stage, resumed_from: str | None, monitor: Monitor) -> 
     resolved = config_to_dict(cfg)
     monitor.text("config", str(resolved))
     print0(f"codir-ds: config {resolved}")
-    print0(f"codir-ds: {stage.summary}, world {world_size()}, "
-           + (f"resumed from {resumed_from}" if resumed_from else "fresh start"))
+    print0(f"codir-ds: {stage.summary}, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"))

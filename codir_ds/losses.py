@@ -1,10 +1,12 @@
 """Every loss codir-ds trains with, as pure tensor functions: CoDIR's projection heads and student-anchored
 InfoNCE, logit KD, the task losses of stage 2, and the intermediate-layer baselines (PKD pooled MSE, token MSE,
 cosine)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

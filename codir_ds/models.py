@@ -1,4 +1,5 @@
 """Loading teacher and student with transformers' Auto classes, and initialising the student from the teacher."""
+
 from __future__ import annotations
 
 import copy
@@ -51,9 +52,7 @@ def plan_models(cfg) -> ModelPlan:
     if student_cfg.init == "teacher_layers" and not student_cfg.num_layers and cfg.codir.layer_map:
         student_cfg = dataclasses.replace(student_cfg, num_layers=len(cfg.codir.layer_map))
     student_config = student_model_config(student_cfg, teacher_config)
-    layer_map = resolve_layer_map(
-        cfg.codir.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers
-    )
+    layer_map = resolve_layer_map(cfg.codir.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
     head = has_mlm_head(cfg.teacher.path) if Path(cfg.teacher.path).is_dir() else True
     return ModelPlan(teacher_config, student_config, layer_map, head)
 
@@ -108,9 +107,7 @@ def student_model_config(cfg: StudentConfig, teacher_config: PretrainedConfig) -
         student_config = copy.deepcopy(teacher_config)
         student_config.num_hidden_layers = cfg.num_layers or max(1, teacher_config.num_hidden_layers // 2)
         if student_config.num_hidden_layers > teacher_config.num_hidden_layers:
-            raise CodirError(
-                f"student.num_layers: {cfg.num_layers} exceeds the teacher's {teacher_config.num_hidden_layers} layers"
-            )
+            raise CodirError(f"student.num_layers: {cfg.num_layers} exceeds the teacher's {teacher_config.num_hidden_layers} layers")
         return student_config
     source = cfg.config_path if cfg.init == "config" else cfg.checkpoint
     key = "student.config_path" if cfg.init == "config" else "student.checkpoint"
@@ -137,8 +134,9 @@ def check_same_tokenizer(teacher_source: str, student_source: str) -> None:
         )
 
 
-def build_student(cfg: StudentConfig, teacher_source: str, student_config: PretrainedConfig, layer_map: list[int],
-                  auto_class=AutoModelForMaskedLM, **load_options):
+def build_student(
+    cfg: StudentConfig, teacher_source: str, student_config: PretrainedConfig, layer_map: list[int], auto_class=AutoModelForMaskedLM, **load_options
+):
     """The student (`auto_class`: masked-LM in stage 1, sequence classification in stage 2) with the
     architecture `student_config`, initialised as `cfg.init` says."""
     if cfg.init == "checkpoint":

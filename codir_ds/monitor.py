@@ -1,4 +1,5 @@
 """Run monitoring: TensorBoard scalars and one plain log line every `logging.every` steps (rank 0 writes)."""
+
 from __future__ import annotations
 
 import datetime
@@ -24,8 +25,7 @@ class Monitor:
         self._began = self._since = time.perf_counter()
         self._samples = self._tokens = 0
 
-    def step(self, step: int, samples: int, tokens: int, terms: dict[str, torch.Tensor],
-             extra: Callable[[], dict[str, float]]) -> dict[str, float]:
+    def step(self, step: int, samples: int, tokens: int, terms: dict[str, torch.Tensor], extra: Callable[[], dict[str, float]]) -> dict[str, float]:
         """Record one optimizer step of `samples` sequences / `tokens` tokens across all ranks. On logging steps,
         write the scalars and return the step's `terms` averaged over ranks, else {}. Every rank calls it:
         a logging step holds one all-reduce."""
@@ -37,14 +37,20 @@ class Monitor:
         elapsed = max(now - self._since, 1e-9)
         averaged = mean_over_ranks(torch.stack([value.detach().double() for value in terms.values()]))
         values = {name: float(value) for name, value in zip(terms, averaged)}
-        scalars = {**{_scalar_name(name): value for name, value in values.items()}, **extra(),
-                   "throughput/samples_per_s": self._samples / elapsed, "throughput/tokens_per_s": self._tokens / elapsed}
+        scalars = {
+            **{_scalar_name(name): value for name, value in values.items()},
+            **extra(),
+            "throughput/samples_per_s": self._samples / elapsed,
+            "throughput/tokens_per_s": self._tokens / elapsed,
+        }
         self._since, self._samples, self._tokens = now, 0, 0
         self.scalars(step, scalars)
         eta = (now - self._began) / (step - self.start) * (self.total - step)
         losses = " ".join(f"{name.removeprefix('loss/')} {value:.4f}" for name, value in scalars.items() if name.startswith("loss/"))
-        print0(f"codir-ds: step {step}/{self.total} {losses} | {scalars['throughput/tokens_per_s']:,.0f} tokens/s "
-               f"| ETA {datetime.timedelta(seconds=round(eta))}")
+        print0(
+            f"codir-ds: step {step}/{self.total} {losses} | {scalars['throughput/tokens_per_s']:,.0f} tokens/s "
+            f"| ETA {datetime.timedelta(seconds=round(eta))}"
+        )
         return values
 
     def scalars(self, step: int, scalars: dict[str, float]) -> None:

@@ -1,4 +1,5 @@
 """The negative queue: a fixed-length FIFO of pre-projection teacher features (and labels)."""
+
 from __future__ import annotations
 
 import torch

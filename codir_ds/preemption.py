@@ -1,5 +1,6 @@
 """Graceful stops: SIGUSR1/SIGTERM (SLURM's warning before a time limit or preemption) or a stop file make
 every rank stop at the same step boundary, after a checkpoint."""
+
 from __future__ import annotations
 
 import signal
@@ -38,8 +39,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def report(self, step: int) -> None:
-        print0(f"codir-ds: stopped at step {step} on {self.received or 'another rank’s request'}; checkpoint step_{step} "
-                f"written; run the same command again to resume")
+        print0(
+            f"codir-ds: stopped at step {step} on {self.received or 'another rank’s request'}; checkpoint step_{step} "
+            f"written; run the same command again to resume"
+        )
 
 
 def end_of_step(stop: StopRequest, step: int, last: int, every: int, device: torch.device, save: Callable[[], object]) -> bool:

@@ -1,4 +1,5 @@
 """Pooled intermediate representations: hidden states in, one feature vector per sequence out."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -6,6 +6,7 @@ Order of calls on a resume whose world size differs from the checkpoint's:
   3. every rank: `load_universal(engine, dir, universal_tag)`.
 Per-rank state saved next to the engine state (`rank_*.pt`) is not copied: it stays in `<dir>/<tag>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,10 @@ def convert_to_universal(checkpoint_dir: Path, tag: str, workers: int = 1) -> st
     except Exception as err:
         raise CodirError(f"universal checkpoint: cannot read {source}: {type(err).__name__}: {error_line(err, limit=200)}") from None
     if stage == 0:
-        raise CodirError(f"universal checkpoint: {source} was written without ZeRO (stage 0); "
-                         "DeepSpeed converts only ZeRO stage 1-3 checkpoints (stage 0 loads on any world size as is)")
+        raise CodirError(
+            f"universal checkpoint: {source} was written without ZeRO (stage 0); "
+            "DeepSpeed converts only ZeRO stage 1-3 checkpoints (stage 0 loads on any world size as is)"
+        )
     partial = checkpoint_dir / f"{target_tag}{PARTIAL}"
     if partial.exists():
         shutil.rmtree(partial)
@@ -80,17 +83,24 @@ def convert_to_universal(checkpoint_dir: Path, tag: str, workers: int = 1) -> st
     previous_latest = latest.read_text() if latest.is_file() else None
     from deepspeed.checkpoint import ds_to_universal
 
-    args = argparse.Namespace(input_folder=str(source), output_folder=str(partial), num_extract_workers=workers,
-                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)  # plain modules carry no universal_checkpoint_info
+    args = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(partial),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )  # plain modules carry no universal_checkpoint_info
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its prints and progress bars
             ds_to_universal.main(args)
     except Exception as err:
         shutil.rmtree(partial, ignore_errors=True)
-        raise CodirError(f"universal checkpoint: cannot convert {source} (ZeRO stage {stage}): "
-                         f"{type(err).__name__}: {error_line(err, limit=200)}") from None
+        raise CodirError(
+            f"universal checkpoint: cannot convert {source} (ZeRO stage {stage}): {type(err).__name__}: {error_line(err, limit=200)}"
+        ) from None
     finally:  # the converter points latest_universal at its output folder, here the .partial one
         if previous_latest is None:
             latest.unlink(missing_ok=True)
@@ -119,8 +129,7 @@ def load_universal(engine, checkpoint_dir: Path, tag: str) -> None:
     if not engine.load_universal_checkpoint():
         raise CodirError(f"universal checkpoint {folder}: the engine was not built with checkpoint.load_universal")
     try:
-        path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     except CodirError:
         raise
     except Exception as err:
@@ -136,8 +145,7 @@ def elastic_ds_config(checkpoint_dir: Path, resume, ds_config: dict) -> dict:
         return ds_config  # unpartitioned state: DeepSpeed loads it on any world size
     failure = None
     if rank() == 0:
-        print0(f"codir-ds: {resume.tag} was written by {resume.world} ranks, this run has {world_size()}: "
-               f"converting it to a universal checkpoint")
+        print0(f"codir-ds: {resume.tag} was written by {resume.world} ranks, this run has {world_size()}: converting it to a universal checkpoint")
         try:
             convert_to_universal(Path(checkpoint_dir), resume.tag)
         except CodirError as err:

@@ -11,6 +11,7 @@ student is scored by the best dev accuracy (the task's first metric) over its ev
 `<out>/results.csv`, `<out>/results.md` (mean +- sample std over seeds) and a TensorBoard run per variant
 and seed under `<out>/runs/`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,22 +35,41 @@ VARIANTS = {  # name: (description, overrides)
     "kd_mse_tokens": ("CE + KD + MSE on token states (beta 1)", {"loss.alpha": 0.5, "loss.intermediate": "mse_tokens", "loss.beta": 1.0}),
     "kd_cosine": ("CE + KD + cosine (DistilBERT, beta 1)", {"loss.alpha": 0.5, "loss.intermediate": "cosine", "loss.beta": 1.0}),
     "kd_codir": ("CE + KD + CoDIR (beta 1, tau 0.07, K 100 label-aware)", {"loss.alpha": 0.5, "loss.intermediate": "codir", "loss.beta": 1.0}),
-    "kd_codir_b01": ("CE + KD + CoDIR (beta 0.1, tau 0.07, K 100 label-aware; beta from the sweep)",
-                     {"loss.alpha": 0.5, "loss.intermediate": "codir", "loss.beta": 0.1}),
+    "kd_codir_b01": (
+        "CE + KD + CoDIR (beta 0.1, tau 0.07, K 100 label-aware; beta from the sweep)",
+        {"loss.alpha": 0.5, "loss.intermediate": "codir", "loss.beta": 0.1},
+    ),
 }
 EMBEDDED = {  # the embedded setting; overridable key by key
-    "task.name": "custom", "task.labels": ["rotten", "fresh"], "task.max_seq_length": 48,
-    "student.init": "teacher_layers", "student.num_layers": 3,
-    "codir.negatives": "bank", "codir.num_negatives": 100,
-    "train.deepspeed_config": "ds_configs/cpu_zero0.json", "train.micro_batch_size": 32, "train.lr": 1e-4,
-    "train.epochs": 2, "train.warmup_steps": 10, "teacher.zero3": False,
-    "eval.every": 40, "eval.batch_size": 128, "logging.every": 10,
-    "checkpoint.every": 0, "output.export": False,
+    "task.name": "custom",
+    "task.labels": ["rotten", "fresh"],
+    "task.max_seq_length": 48,
+    "student.init": "teacher_layers",
+    "student.num_layers": 3,
+    "codir.negatives": "bank",
+    "codir.num_negatives": 100,
+    "train.deepspeed_config": "ds_configs/cpu_zero0.json",
+    "train.micro_batch_size": 32,
+    "train.lr": 1e-4,
+    "train.epochs": 2,
+    "train.warmup_steps": 10,
+    "teacher.zero3": False,
+    "eval.every": 40,
+    "eval.batch_size": 128,
+    "logging.every": 10,
+    "checkpoint.every": 0,
+    "output.export": False,
 }
 
 
-def compare(variants: str = "ce,kd,kd_mse,kd_codir,kd_codir_b01", seeds: int = 3, out: str = "runs/compare",
-            train_examples: int = 2000, dev_examples: int = 1000, **overrides) -> list[dict]:
+def compare(
+    variants: str = "ce,kd,kd_mse,kd_codir,kd_codir_b01",
+    seeds: int = 3,
+    out: str = "runs/compare",
+    train_examples: int = 2000,
+    dev_examples: int = 1000,
+    **overrides,
+) -> list[dict]:
     """Train each variant with seeds 1..`seeds` and tabulate the best dev score of each."""
     names = _values(variants)
     unknown = [n for n in names if n not in VARIANTS]
@@ -60,14 +80,27 @@ def compare(variants: str = "ce,kd,kd_mse,kd_codir,kd_codir_b01", seeds: int = 3
     return _run_all(runs, seeds, Path(out), base, title="variant")
 
 
-def sweep(beta: str = "0.1,1", tau: str = "0.07,0.2", k: str = "16,100", seeds: int = 2, out: str = "runs/sweep",
-          train_examples: int = 2000, dev_examples: int = 1000, **overrides) -> list[dict]:
+def sweep(
+    beta: str = "0.1,1",
+    tau: str = "0.07,0.2",
+    k: str = "16,100",
+    seeds: int = 2,
+    out: str = "runs/sweep",
+    train_examples: int = 2000,
+    dev_examples: int = 1000,
+    **overrides,
+) -> list[dict]:
     """CE + KD + CoDIR over the grid beta x tau x K (comma-separated values), same budget and seeds."""
     base = {**EMBEDDED, **_embedded_task(Path(out), train_examples, dev_examples, overrides), **overrides}
     runs = []
     for b, t, negatives in itertools.product(*(_values(v) for v in (beta, tau, k))):
-        settings = {"loss.alpha": 0.5, "loss.intermediate": "codir", "loss.beta": float(b),
-                    "codir.temperature": float(t), "codir.num_negatives": int(negatives)}
+        settings = {
+            "loss.alpha": 0.5,
+            "loss.intermediate": "codir",
+            "loss.beta": float(b),
+            "codir.temperature": float(t),
+            "codir.num_negatives": int(negatives),
+        }
         runs.append((f"beta{b}_tau{t}_k{negatives}", f"CE + KD + CoDIR, beta {b}, tau {t}, K {negatives}", settings))
     return _run_all(runs, seeds, Path(out), base, title="setting")
 
@@ -94,9 +127,12 @@ TEACHER_TRAINING = {"train.epochs": 3, "train.lr": 1e-4}
 def _finetuned_teacher(out: Path, settings: dict) -> Path:
     teacher = out / "teacher" / "teacher"
     if not (teacher / "eval_results.json").is_file():
-        config = load_config(FinetuneConfig, None, {**settings, **TEACHER_TRAINING, "teacher.path": str(minilm_path()),
-                                                    "output.dir": str(out / "teacher"), "output.export": True},
-                             validate=False)
+        config = load_config(
+            FinetuneConfig,
+            None,
+            {**settings, **TEACHER_TRAINING, "teacher.path": str(minilm_path()), "output.dir": str(out / "teacher"), "output.export": True},
+            validate=False,
+        )
         run_finetuning(teacher_training_config(config), export_name="teacher")
         shutil.rmtree(out / "teacher" / "checkpoints", ignore_errors=True)
     return teacher
@@ -108,12 +144,22 @@ def _run_all(runs: list[tuple[str, str, dict]], seeds: int, out: Path, base: dic
         for name, description, settings in runs:
             folder = out / "runs" / f"{name}_seed{seed}"
             started = time.perf_counter()
-            run = run_finetuning(load_config(FinetuneConfig, None, {**base, **settings, "train.seed": seed,
-                                                                    "output.dir": str(folder), "checkpoint.resume": ""}))
+            run = run_finetuning(
+                load_config(FinetuneConfig, None, {**base, **settings, "train.seed": seed, "output.dir": str(folder), "checkpoint.resume": ""})
+            )
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-            rows.append({"name": name, "description": description, "seed": seed, "metric": run.best["metric"],
-                         "score": run.best["score"], "best_step": run.best["step"], "steps": run.cfg.train.max_steps,
-                         "seconds": round(time.perf_counter() - started, 1)})
+            rows.append(
+                {
+                    "name": name,
+                    "description": description,
+                    "seed": seed,
+                    "metric": run.best["metric"],
+                    "score": run.best["score"],
+                    "best_step": run.best["step"],
+                    "steps": run.cfg.train.max_steps,
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+            )
             print(f"compare: {name} seed {seed}: {run.best['metric']} {run.best['score']:.4f}", flush=True)
             _write_tables(rows, runs, out, title)
     return rows
@@ -124,16 +170,20 @@ def _write_tables(rows: list[dict], runs: list[tuple[str, str, dict]], out: Path
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"| {title} | dev {rows[0]['metric'].split('/')[-1]} (mean ± std) | seeds | per seed | minutes per run |",
-             "| --- | ---: | ---: | --- | ---: |"]
+    lines = [
+        f"| {title} | dev {rows[0]['metric'].split('/')[-1]} (mean ± std) | seeds | per seed | minutes per run |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
     for name, description, _ in runs:
         scores = [r["score"] * 100 for r in rows if r["name"] == name]
         if not scores:
             continue
         spread = statistics.stdev(scores) if len(scores) > 1 else float("nan")
         minutes = statistics.mean(r["seconds"] for r in rows if r["name"] == name) / 60
-        lines.append(f"| {description} | {statistics.mean(scores):.2f} ± {spread:.2f} | {len(scores)} | "
-                     f"{', '.join(f'{s:.1f}' for s in scores)} | {minutes:.1f} |")
+        lines.append(
+            f"| {description} | {statistics.mean(scores):.2f} ± {spread:.2f} | {len(scores)} | "
+            f"{', '.join(f'{s:.1f}' for s in scores)} | {minutes:.1f} |"
+        )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

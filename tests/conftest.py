@@ -1,4 +1,5 @@
 """Session fixtures: tiny random BERT models saved as Hugging Face folders, built once per test run."""
+
 from __future__ import annotations
 
 from pathlib import Path

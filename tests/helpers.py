@@ -1,5 +1,6 @@
 """Shared test helpers: tiny random models saved as Hugging Face folders, corpora and tasks, run configs, the real
 launcher, TensorBoard scalars."""
+
 from __future__ import annotations
 
 import csv
@@ -40,8 +41,7 @@ def write_tokenizer(folder: Path, words=WORDS) -> BertTokenizer:
     return tokenizer
 
 
-def save_tiny_model(folder: Path, layers: int = 4, hidden: int = 32, mlm_head: bool = True, seed: int = 0,
-                    dropout: float = 0.1) -> Path:
+def save_tiny_model(folder: Path, layers: int = 4, hidden: int = 32, mlm_head: bool = True, seed: int = 0, dropout: float = 0.1) -> Path:
     """A random BERT (with or without MLM head) plus a word-level tokenizer, saved with save_pretrained."""
     torch.manual_seed(seed)
     config = tiny_bert_config(layers, hidden, dropout=dropout)

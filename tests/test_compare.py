@@ -1,4 +1,5 @@
 """experiments/compare.py on tiny models: every variant and seed trains, and the table is their mean and spread."""
+
 import csv
 import importlib.util
 import statistics
@@ -11,10 +12,19 @@ spec.loader.exec_module(compare)
 
 
 def tiny_setting(tmp_path):
-    return {"task.train_file": str(write_task(tmp_path / "train.csv", 64)), "task.dev_files": [str(write_task(tmp_path / "dev.csv", 20, seed=1))],
-            "task.labels": ["neg", "pos"], "teacher.path": str(save_task_teacher(tmp_path / "teacher")),
-            "student.num_layers": 2, "task.max_seq_length": 24, "train.micro_batch_size": 8, "train.epochs": 1,
-            "eval.every": 4, "codir.num_negatives": 8, "codir.projection_dim": 16}
+    return {
+        "task.train_file": str(write_task(tmp_path / "train.csv", 64)),
+        "task.dev_files": [str(write_task(tmp_path / "dev.csv", 20, seed=1))],
+        "task.labels": ["neg", "pos"],
+        "teacher.path": str(save_task_teacher(tmp_path / "teacher")),
+        "student.num_layers": 2,
+        "task.max_seq_length": 24,
+        "train.micro_batch_size": 8,
+        "train.epochs": 1,
+        "eval.every": 4,
+        "codir.num_negatives": 8,
+        "codir.projection_dim": 16,
+    }
 
 
 def test_compare_trains_every_variant_and_seed_and_tabulates_them(tmp_path):

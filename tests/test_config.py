@@ -1,4 +1,5 @@
 """Each class of bad configuration gives a one-line CodirError naming the key, before any model loads."""
+
 import json
 
 import pytest
@@ -59,10 +60,14 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path, tiny_teacher):
         ({"codir.pooling": "max"}, "codir.pooling: 'max' is not one of 'mean', 'cls'"),
         ({"codir.layer_map": [1, "x"]}, "codir.layer_map: expected int, got str 'x'"),
         ({"data.num_workers": True}, "data.num_workers: expected int, got bool True"),
-        ({"data.streaming": True}, "config key 'data.streaming' is no more: removed: prepare large corpora once with `codir-ds prepare` "
-                                   "and set data.prepared"),
-        ({"logging.progress_bar": False}, "config key 'logging.progress_bar' is no more: removed: codir-ds prints one plain line "
-                                          "every logging.every steps"),
+        (
+            {"data.streaming": True},
+            "config key 'data.streaming' is no more: removed: prepare large corpora once with `codir-ds prepare` and set data.prepared",
+        ),
+        (
+            {"logging.progress_bar": False},
+            "config key 'logging.progress_bar' is no more: removed: codir-ds prints one plain line every logging.every steps",
+        ),
         ({"codir": 5}, "codir: expected a section (mapping), got 5"),
     ],
 )
@@ -115,9 +120,7 @@ def test_missing_paths_and_unparsable_files(tmp_path, tiny_teacher):
 def test_student_with_other_vocabulary_is_rejected(tmp_path, tiny_teacher):
     other = tiny_bert_config(layers=2, vocab=99)
     other.save_pretrained(tmp_path / "small")
-    cfg = load_config(
-        PretrainConfig, str(base(tmp_path, tiny_teacher)), {"student.init": "config", "student.config_path": str(tmp_path / "small")}
-    )
+    cfg = load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"student.init": "config", "student.config_path": str(tmp_path / "small")})
     assert "student vocabulary size 99 differs from the teacher's" in error_of(lambda: plan_models(cfg))
 
 

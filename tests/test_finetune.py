@@ -1,5 +1,6 @@
 """Stage 2 in one process: cached teacher outputs equal a live teacher, regression, teacher finetuning,
 export of the best student, and one-line errors for bad task input."""
+
 import json
 import subprocess
 import sys
@@ -63,7 +64,9 @@ def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
 
 def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path, task):
     base = save_tiny_model(tmp_path / "base", layers=4, mlm_head=False)  # like MiniLM: a pretrained body only
-    teacher_run = run_finetuning(teacher_training_config(config(tmp_path / "t", base, task, **{"train.epochs": 10, "train.lr": 0.003})), export_name="teacher")
+    teacher_run = run_finetuning(
+        teacher_training_config(config(tmp_path / "t", base, task, **{"train.epochs": 10, "train.lr": 0.003})), export_name="teacher"
+    )
     teacher_dir = tmp_path / "t/out/teacher"
     assert teacher_run.teacher is None
     assert "kd" not in teacher_run.losses[0]
@@ -71,8 +74,12 @@ def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path,
     assert teacher_run.best["score"] >= 0.8  # the task is learnable: the teacher gets most of the dev set right
 
     stage1 = save_tiny_model(tmp_path / "stage1", layers=2, mlm_head=True, seed=3)  # a stage-1 export stands in
-    cfg = config(tmp_path / "s", teacher_dir, task, **{"student.init": "checkpoint", "student.checkpoint": str(stage1),
-                                                        "train.epochs": 4, "train.lr": 0.003, "eval.every": 6})
+    cfg = config(
+        tmp_path / "s",
+        teacher_dir,
+        task,
+        **{"student.init": "checkpoint", "student.checkpoint": str(stage1), "train.epochs": 4, "train.lr": 0.003, "eval.every": 6},
+    )
     run = run_finetuning(cfg)
     assert [e["step"] for e in run.evals] == [6, 12, 18, 24, 30, 36, 42, 48]
     best = max(run.evals, key=lambda e: e["metrics"]["dev"]["accuracy"])
@@ -103,12 +110,11 @@ def finetune(config_path, *args):
 def test_cli_errors_for_a_wrong_teacher_or_task(tmp_path, task, task_teacher, tiny_teacher):
     path = write_task_config(tmp_path, task_teacher, *task)
     assert one_line_error(finetune(path, f"--teacher.path={tiny_teacher}")) == (
-        f"teacher.path: {tiny_teacher} has no classification head: finetune it on the task first "
-        "(deepspeed launch/finetune.py teacher --config ...)")
+        f"teacher.path: {tiny_teacher} has no classification head: finetune it on the task first (deepspeed launch/finetune.py teacher --config ...)"
+    )
     assert one_line_error(finetune(path, "--task.labels=[a,b,c]")).startswith("task: ")
     three_way = save_task_teacher(tmp_path / "three", num_labels=3)
-    assert one_line_error(finetune(path, f"--teacher.path={three_way}")) == (
-        "teacher.path: the teacher predicts 3 labels, task custom has 2")
+    assert one_line_error(finetune(path, f"--teacher.path={three_way}")) == ("teacher.path: the teacher predicts 3 labels, task custom has 2")
     assert one_line_error(finetune(path, "--task.text_columns=[review]")).startswith("task.text_columns: no column 'review'")
     assert one_line_error(finetune(path, "student")) == "unknown finetune command 'student'; use 'distill' (the default) or 'teacher'"
 
@@ -122,7 +128,8 @@ def test_stage2_refuses_to_resume_on_another_world_size_before_any_work(tmp_path
     (checkpoint.parent / "latest").write_text("step_2")
     assert one_line_error(finetune(path)) == (
         f"checkpoint {checkpoint} was written by 2 ranks, this run has 1: resume with 2 ranks, or export it and start "
-        "a new run from the export (student.init=checkpoint)")
+        "a new run from the export (student.init=checkpoint)"
+    )
 
 
 def test_cli_teacher_command_needs_no_student_section(tmp_path, task, tiny_teacher):
@@ -138,8 +145,9 @@ def test_cli_teacher_command_needs_no_student_section(tmp_path, task, tiny_teach
 
 @pytest.mark.parametrize("intermediate, teacher_kept", [("mse", False), ("mse_tokens", True), ("cosine", True)])
 def test_baseline_intermediate_losses_train_through_the_same_loop(tmp_path, task_teacher, task, intermediate, teacher_kept):
-    run = run_finetuning(config(tmp_path, task_teacher, task, **{"loss.intermediate": intermediate, "loss.beta": 10.0,
-                                                                 "train.epochs": 2, "train.lr": 0.003}))
+    run = run_finetuning(
+        config(tmp_path, task_teacher, task, **{"loss.intermediate": intermediate, "loss.beta": 10.0, "train.epochs": 2, "train.lr": 0.003})
+    )
     assert (run.teacher is not None) == teacher_kept
     assert run.student.module.heads is None
     values = [step[intermediate] for step in run.losses]

@@ -1,4 +1,5 @@
 """Stage 2 on 2 real CPU ranks (deepspeed launcher): ZeRO-3 teacher, memory bank or queue, shared evaluation."""
+
 import pytest
 from helpers import REPO, launch_worker, save_task_teacher, write_task, write_task_config
 
@@ -14,8 +15,9 @@ def launch(config, out, *extra):
 def test_two_rank_finetune_distillation(tmp_path, negatives):
     teacher = save_task_teacher(tmp_path / "teacher")
     train, dev = write_task(tmp_path / "train.csv", 100), write_task(tmp_path / "dev.csv", 31, seed=1)
-    config = write_task_config(tmp_path, teacher, train, dev, codir={"negatives": negatives},
-                               train={"epochs": 2, "lr": 0.003}, eval={"every": 3, "batch_size": 4})
+    config = write_task_config(
+        tmp_path, teacher, train, dev, codir={"negatives": negatives}, train={"epochs": 2, "lr": 0.003}, eval={"every": 3, "batch_size": 4}
+    )
     first, second = launch(config, tmp_path)
     assert first["steps"] == 12  # 100 // (8 x 2 ranks) = 6 steps per epoch
     assert len(first["losses"]) == len(second["losses"]) == 12

@@ -1,5 +1,6 @@
 """`--help` of the launch scripts and of `codir-ds`: every config key with its type, default and meaning,
 generated from the config dataclasses and the comments on their field lines."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,7 @@ from codir_ds.pretrain.config import PretrainConfig
 
 
 def run_help(*args: str) -> str:
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(PYTHONPATH=str(REPO)),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
 

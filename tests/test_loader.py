@@ -1,4 +1,5 @@
 """Prepared corpus -> masked micro-batches: a pure function of (corpus, seed, global sample index)."""
+
 import json
 import time
 from pathlib import Path
@@ -14,8 +15,9 @@ SPECIAL = {"cls": 2, "sep": 3, "mask": 4, "pad": 0, "unk": 1}
 VOCAB = 1000
 
 
-def write_part(folder: Path, blocks: int, block_length: int, part: int = 0, parts: int = 1, tokens: np.ndarray | None = None,
-               tokenizer_hash: str = "h") -> Path:
+def write_part(
+    folder: Path, blocks: int, block_length: int, part: int = 0, parts: int = 1, tokens: np.ndarray | None = None, tokenizer_hash: str = "h"
+) -> Path:
     """A prepared part written directly; `tokens` None makes a sparse all-zero tokens.bin."""
     path = folder / f"part-{part:05d}-of-{parts:05d}"
     path.mkdir(parents=True)
@@ -24,9 +26,18 @@ def write_part(folder: Path, blocks: int, block_length: int, part: int = 0, part
             handle.truncate(blocks * block_length * 2)
         else:
             tokens.astype(np.uint16).tofile(handle)
-    meta = {"format": 1, "tokenizer": "test", "tokenizer_hash": tokenizer_hash, "vocab_size": VOCAB, "dtype": "uint16",
-            "block_length": block_length, "special_ids": SPECIAL, "counts": {"documents": 1, "blocks": blocks},
-            "sources": [{"path": "x", "bytes": 1}], "shard": f"{part}/{parts}"}
+    meta = {
+        "format": 1,
+        "tokenizer": "test",
+        "tokenizer_hash": tokenizer_hash,
+        "vocab_size": VOCAB,
+        "dtype": "uint16",
+        "block_length": block_length,
+        "special_ids": SPECIAL,
+        "counts": {"documents": 1, "blocks": blocks},
+        "sources": [{"path": "x", "bytes": 1}],
+        "shard": f"{part}/{parts}",
+    }
     (path / "meta.json").write_text(json.dumps(meta))
     return folder
 
@@ -79,8 +90,7 @@ def test_each_step_holds_the_same_samples_for_equal_global_batch(corpus):
     for step in range(3):
         per_layout = []
         for b, a, w in layouts:
-            ranks = [np.concatenate([MicroBatches(corpus, b, a, w, r).sample_indices(step * a + m) for m in range(a)])
-                     for r in range(w)]
+            ranks = [np.concatenate([MicroBatches(corpus, b, a, w, r).sample_indices(step * a + m) for m in range(a)]) for r in range(w)]
             assert sum(len(x) for x in ranks) == len(np.unique(np.concatenate(ranks))) == 8  # disjoint ranks
             per_layout.append(set(np.concatenate(ranks).tolist()))
         assert all(s == set(range(8 * step, 8 * step + 8)) for s in per_layout)

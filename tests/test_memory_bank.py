@@ -1,4 +1,5 @@
 """The memory bank: label-aware sampling, exact teacher outputs, and even sharding over ranks."""
+
 import pytest
 import torch
 from helpers import save_task_teacher

@@ -1,4 +1,5 @@
 """Task metrics against scikit-learn and scipy on random predictions."""
+
 import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr

@@ -1,4 +1,5 @@
 """Student initialisation from teacher layers, and tokenizer checks."""
+
 import pytest
 import torch
 from helpers import save_tiny_model, write_tokenizer
@@ -13,7 +14,9 @@ from codir_ds.models import build_student, check_same_tokenizer, has_mlm_head, l
 def test_student_copies_exactly_the_mapped_teacher_layers(tiny_teacher):
     teacher = load_teacher(str(tiny_teacher), AutoModelForMaskedLM)
     config = read_model_config(str(tiny_teacher), "teacher")
-    student = build_student(StudentConfig(num_layers=2), str(tiny_teacher), student_model_config(StudentConfig(num_layers=2), config), layer_map=[1, 4])
+    student = build_student(
+        StudentConfig(num_layers=2), str(tiny_teacher), student_model_config(StudentConfig(num_layers=2), config), layer_map=[1, 4]
+    )
     t_state, s_state = teacher.state_dict(), student.state_dict()
     for i, teacher_layer in enumerate([1, 4]):
         t_layer = {k.split(f"encoder.layer.{teacher_layer - 1}.")[1]: v for k, v in t_state.items() if f"encoder.layer.{teacher_layer - 1}." in k}
@@ -32,7 +35,9 @@ def test_student_copies_exactly_the_mapped_teacher_layers(tiny_teacher):
 def test_headless_teacher_gives_body_but_fresh_head(headless_teacher):
     assert not has_mlm_head(str(headless_teacher))
     config = read_model_config(str(headless_teacher), "teacher")
-    student = build_student(StudentConfig(num_layers=2), str(headless_teacher), student_model_config(StudentConfig(num_layers=2), config), layer_map=[2, 4])
+    student = build_student(
+        StudentConfig(num_layers=2), str(headless_teacher), student_model_config(StudentConfig(num_layers=2), config), layer_map=[2, 4]
+    )
     stored = load_file(str(headless_teacher / "model.safetensors"))
     torch.testing.assert_close(student.bert.embeddings.word_embeddings.weight, stored["embeddings.word_embeddings.weight"])
     torch.testing.assert_close(student.bert.encoder.layer[1].output.dense.weight, stored["encoder.layer.3.output.dense.weight"])

@@ -1,4 +1,5 @@
 """The negative queue on 2 real CPU ranks started by the `deepspeed` launcher."""
+
 import pytest
 from helpers import REPO, read_json, run_deepspeed
 

@@ -1,4 +1,5 @@
 """The queue's FIFO behaviour on one process; tests/test_multirank_queue.py covers 2 ranks."""
+
 import pytest
 import torch
 
@@ -41,7 +42,8 @@ def test_state_round_trip_and_shape_check():
     restored = NegativeQueue(length=4, dim=3)
     restored.load_state_dict(queue.state_dict())
     torch.testing.assert_close(restored.contents()[0], queue.contents()[0])
-    restored.enqueue(rows(6, 1)); queue.enqueue(rows(6, 1))
+    restored.enqueue(rows(6, 1))
+    queue.enqueue(rows(6, 1))
     torch.testing.assert_close(restored.contents()[0], queue.contents()[0])
     with pytest.raises(CodirError, match="queue_length"):
         NegativeQueue(length=8, dim=3).load_state_dict(queue.state_dict())

@@ -1,4 +1,5 @@
 """InfoNCE and heads against a straightforward float64 reference written from the formula."""
+
 import math
 
 import pytest
@@ -105,16 +106,17 @@ def test_projection_heads_are_unit_norm_and_sized():
 def test_baseline_intermediate_losses_match_their_definitions():
     torch.manual_seed(0)
     student, teacher = torch.randn(5, 3 * 8, dtype=torch.float64), torch.randn(5, 3 * 8, dtype=torch.float64)
-    expected = sum(((s / s.norm() - t / t.norm()) ** 2).sum() for row_s, row_t in zip(student, teacher)
-                   for s, t in zip(row_s.split(8), row_t.split(8))) / (5 * 3)
+    expected = sum(
+        ((s / s.norm() - t / t.norm()) ** 2).sum() for row_s, row_t in zip(student, teacher) for s, t in zip(row_s.split(8), row_t.split(8))
+    ) / (5 * 3)
     assert torch.allclose(pooled_mse(student.unflatten(-1, (3, -1)), teacher.unflatten(-1, (3, -1))).double(), expected, rtol=1e-5)
 
     states_s, states_t = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 4, 6)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    real = [(b, l, t) for b in range(2) for l in range(3) for t in range(4) if mask[b, t]]
-    mse = sum(((states_s[b, l, t] - states_t[b, l, t]) ** 2).mean() for b, l, t in real) / len(real)
+    real = [(b, layer, t) for b in range(2) for layer in range(3) for t in range(4) if mask[b, t]]
+    mse = sum(((states_s[b, layer, t] - states_t[b, layer, t]) ** 2).mean() for b, layer, t in real) / len(real)
     assert torch.allclose(token_mse(states_s, states_t, mask), mse, rtol=1e-5)
-    picked_s = torch.stack([states_s[b, l, t] for b, l, t in real])
-    picked_t = torch.stack([states_t[b, l, t] for b, l, t in real])
+    picked_s = torch.stack([states_s[b, layer, t] for b, layer, t in real])
+    picked_t = torch.stack([states_t[b, layer, t] for b, layer, t in real])
     reference = F.cosine_embedding_loss(picked_s, picked_t, torch.ones(len(real)))
     assert torch.allclose(token_cosine(states_s, states_t, mask), reference, rtol=1e-5)

@@ -1,4 +1,5 @@
 """Stop requests: SIGUSR1/SIGTERM and the stop file are noticed at a step boundary; handlers are given back."""
+
 import os
 import signal
 

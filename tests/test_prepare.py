@@ -1,4 +1,5 @@
 """`codir-ds prepare`: corpus -> packed token blocks in `part-*` folders, counted, sharded, atomic, reusable."""
+
 import gzip
 import json
 import os
@@ -55,8 +56,15 @@ def test_blocks_decode_to_the_documents_and_meta_counts_them(prepared, corpus, t
     assert tokenizer.decode(all_tokens(prepared)) == " ".join(words[: blocks * (SEQ - 2)])
     meta = json.loads((prepared / "part-00000-of-00001" / "meta.json").read_text())
     long = sum(len(d.split()) > SEQ - 2 for d in documents)
-    assert meta["counts"] == {"documents": 300, "empty": 0, "undecodable": 0, "long": long, "tokens": len(words),
-                              "blocks": blocks, "dropped_tail_tokens": len(words) - blocks * (SEQ - 2)}
+    assert meta["counts"] == {
+        "documents": 300,
+        "empty": 0,
+        "undecodable": 0,
+        "long": long,
+        "tokens": len(words),
+        "blocks": blocks,
+        "dropped_tail_tokens": len(words) - blocks * (SEQ - 2),
+    }
     assert meta["special_ids"]["sep"] == tokenizer.sep_token_id
     assert meta["vocab_size"] == len(tokenizer)
     assert meta["sources"] == [{"path": str(corpus), "bytes": corpus.stat().st_size}]
@@ -72,15 +80,25 @@ def test_empty_undecodable_and_long_documents_are_counted(tiny_teacher, tmp_path
     prepare_corpus([str(corpus)], str(tiny_teacher), str(tmp_path / "out"), max_seq_length=SEQ)
     counts = PreparedCorpus(str(tmp_path / "out")).meta["counts"]
     tokens = 4 + 4 + 61 + 41  # the tokenizer drops U+FFFD
-    assert counts == {"documents": 6, "empty": 2, "undecodable": 1, "long": 2, "tokens": tokens,
-                      "blocks": tokens // 30, "dropped_tail_tokens": tokens % 30}
+    assert counts == {
+        "documents": 6,
+        "empty": 2,
+        "undecodable": 1,
+        "long": 2,
+        "tokens": tokens,
+        "blocks": tokens // 30,
+        "dropped_tail_tokens": tokens % 30,
+    }
 
 
 def test_wordpiece_tokens_equal_whole_document_tokens_from_compressed_jsonl(tmp_path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    texts = ["Hello, World! The quick brown fox.", "Numbers 12345 and (brackets) in 2024.",
-             "A very long one: " + "Lorem ipsum dolor sit amet. " * 8000]  # > 100,000 characters: tokenised in pieces
+    texts = [
+        "Hello, World! The quick brown fox.",
+        "Numbers 12345 and (brackets) in 2024.",
+        "A very long one: " + "Lorem ipsum dolor sit amet. " * 8000,
+    ]  # > 100,000 characters: tokenised in pieces
     wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wordpiece.normalizer, wordpiece.pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
@@ -186,17 +204,20 @@ def write_bad(tmp_path: Path, case: str) -> tuple[list[str], dict]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no such file .*nope.txt"),
-    ("glob", r"pattern .*\*\.nothing matches no file"),
-    ("empty", "holds no documents"),
-    ("short", "too short for one block of 30 tokens"),
-    ("column", r"no column 'text'; the corpus has \['body'\]"),
-    ("nulls", "column 'text' holds only nulls"),
-    ("extension", "unsupported file type .*c.docx"),
-    ("parquet", "cannot read .*c.parquet"),
-    ("shard", "'2/2' is not 'i/n' with 0 <= i < n"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file .*nope.txt"),
+        ("glob", r"pattern .*\*\.nothing matches no file"),
+        ("empty", "holds no documents"),
+        ("short", "too short for one block of 30 tokens"),
+        ("column", r"no column 'text'; the corpus has \['body'\]"),
+        ("nulls", "column 'text' holds only nulls"),
+        ("extension", "unsupported file type .*c.docx"),
+        ("parquet", "cannot read .*c.parquet"),
+        ("shard", "'2/2' is not 'i/n' with 0 <= i < n"),
+    ],
+)
 def test_bad_input_is_one_clear_line(tiny_teacher, tmp_path, case, message):
     sources, extra = write_bad(tmp_path, case)
     with pytest.raises(CodirError, match=message) as err:

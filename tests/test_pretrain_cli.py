@@ -1,4 +1,5 @@
 """`launch/pretrain.py` as a user runs it (one process): bad input gives one line and exit code 2."""
+
 import subprocess
 import sys
 
@@ -37,9 +38,7 @@ def test_missing_corpus(config, tmp_path):
 
 def test_corrupt_corpus(config, tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 definitely not parquet")
-    assert one_line_error(pretrain(config, f"--data.files={tmp_path / 'bad.parquet'}")).startswith(
-        f"prepare: cannot read {tmp_path / 'bad.parquet'}"
-    )
+    assert one_line_error(pretrain(config, f"--data.files={tmp_path / 'bad.parquet'}")).startswith(f"prepare: cannot read {tmp_path / 'bad.parquet'}")
 
 
 @pytest.mark.parametrize(
@@ -48,7 +47,7 @@ def test_corrupt_corpus(config, tmp_path):
         (None, "train.deepspeed_config: no such file"),
         ("{oops", "is not valid JSON"),
         ('{"zero_optimization": {"stage": 5}}', "zero_optimization.stage is 5; use 0, 1, 2 or 3"),
-        ('{"optimizer": {"type": "AdamW", "params": {"lr": "auto", "eps": "auto"}}}', "has \"auto\" for optimizer.params.eps"),
+        ('{"optimizer": {"type": "AdamW", "params": {"lr": "auto", "eps": "auto"}}}', 'has "auto" for optimizer.params.eps'),
         ('{"zero_optimization": {"stage": 2, "not_a_zero_key": 1}}', "train.deepspeed_config"),
     ],
 )
@@ -81,10 +80,8 @@ def test_missing_crashed_and_corrupt_checkpoints(config, tmp_path):
     assert message.startswith(f"corrupt checkpoint {checkpoints / 'step_4'}")
 
 
-
 def test_headless_teacher_turns_kd_off_with_a_notice(tmp_path, headless_teacher):
-    config = write_run_config(tmp_path, headless_teacher, write_corpus(tmp_path / "corpus.txt"),
-                              train={"max_steps": 2}, loss={"kd": 0.5})
+    config = write_run_config(tmp_path, headless_teacher, write_corpus(tmp_path / "corpus.txt"), train={"max_steps": 2}, loss={"kd": 0.5})
     result = pretrain(config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "has no trained MLM head; logit KD is off (loss.kd 0.5 -> 0)" in result.stdout

@@ -1,4 +1,5 @@
 """Stage 1 end to end on 2 real CPU ranks (deepspeed launcher), tiny random models."""
+
 import json
 import subprocess
 import sys
@@ -19,8 +20,9 @@ def launch(config, out, *extra, ranks=2):
 
 def test_zero2_run_lowers_loss_keeps_teacher_frozen_and_sharded_and_logs_everything(tmp_path, tiny_teacher):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    config = write_run_config(tmp_path, tiny_teacher, corpus, train={"max_steps": 40}, checkpoint={"every": 0},
-                              loss={"kd": 0.5}, data={"num_workers": 0})
+    config = write_run_config(
+        tmp_path, tiny_teacher, corpus, train={"max_steps": 40}, checkpoint={"every": 0}, loss={"kd": 0.5}, data={"num_workers": 0}
+    )
     rank0, rank1 = launch(config, tmp_path)
 
     # Each rank reads its own samples and masks them independently (the mask is a function of the sample index).
@@ -45,9 +47,21 @@ def test_zero2_run_lowers_loss_keeps_teacher_frozen_and_sharded_and_logs_everyth
     assert rank0["queue_filled"] == 24
 
     scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
-    for tag in ("loss/total", "loss/mlm", "loss/kd", "loss/codir", "lr", "throughput/tokens_per_s",
-                "throughput/samples_per_s", "codir/queue_fill", "codir/positive_similarity",
-                "codir/negative_similarity", "codir/top1_accuracy", "data/epoch", "data/consumed_samples"):
+    for tag in (
+        "loss/total",
+        "loss/mlm",
+        "loss/kd",
+        "loss/codir",
+        "lr",
+        "throughput/tokens_per_s",
+        "throughput/samples_per_s",
+        "codir/queue_fill",
+        "codir/positive_similarity",
+        "codir/negative_similarity",
+        "codir/top1_accuracy",
+        "data/epoch",
+        "data/consumed_samples",
+    ):
         assert len(scalars[tag]) == 40, tag
     assert scalars["codir/queue_fill"][0] == pytest.approx(8 / 24)
     assert scalars["codir/queue_fill"][-1] == 1.0
@@ -95,8 +109,9 @@ def test_zero3_student_resume_equals_uninterrupted_and_export_reloads_without_co
 def step_samples(facts_per_rank: list[dict], accumulation: int) -> list[set[int]]:
     """The global sample ids each optimizer step trained on, from what every rank loaded."""
     steps = len(facts_per_rank[0]["samples"]) // accumulation
-    return [{i for facts in facts_per_rank for batch in facts["samples"][s * accumulation:(s + 1) * accumulation] for i in batch}
-            for s in range(steps)]
+    return [
+        {i for facts in facts_per_rank for batch in facts["samples"][s * accumulation : (s + 1) * accumulation] for i in batch} for s in range(steps)
+    ]
 
 
 def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses(tmp_path):
@@ -118,8 +133,7 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
         folder.mkdir()
         config = write_run_config(folder, teacher, corpus, **sections)
         accumulation = {2: 1, 1: 2}
-        first = launch(config, folder, "--stop_after=3", f"--train.gradient_accumulation_steps={accumulation[first_ranks]}",
-                       ranks=first_ranks)
+        first = launch(config, folder, "--stop_after=3", f"--train.gradient_accumulation_steps={accumulation[first_ranks]}", ranks=first_ranks)
         resumed = launch(config, folder, f"--train.gradient_accumulation_steps={accumulation[second_ranks]}", ranks=second_ranks)
         samples = step_samples(first, accumulation[first_ranks]) + step_samples(resumed, accumulation[second_ranks])
         assert samples == expected_samples, (first_ranks, second_ranks)

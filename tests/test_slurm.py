@@ -1,5 +1,6 @@
 """The real slurm/pretrain.sbatch on 2 "nodes" of this machine: stand-in srun/scontrol start one DeepSpeed
 launcher with 1 CPU rank per node (real sockets on loopback). Completion, SIGUSR1 preemption, a dead rank."""
+
 import os
 import signal
 import subprocess
@@ -20,10 +21,19 @@ def sbatch_env(run_dir: Path, tmp_path: Path) -> dict:
     """SLURM's environment for a 2-node job, the stand-ins first on PATH."""
     venv_bin = str(Path(os.sys.executable).parent)
     port = 29500 + (os.getpid() + 7) % 2000
-    return child_env(PATH=f"{STANDIN}:{venv_bin}:{os.environ['PATH']}", SLURM_JOB_ID=str(JOB), SLURM_NNODES="2",
-                     SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1",
-                     RUN_DIR=str(run_dir), MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-                     SCONTROL_LOG=str(tmp_path / "scontrol.log"))
+    return child_env(
+        PATH=f"{STANDIN}:{venv_bin}:{os.environ['PATH']}",
+        SLURM_JOB_ID=str(JOB),
+        SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        GPUS_PER_NODE="1",
+        RUN_DIR=str(run_dir),
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+    )
 
 
 def sbatch(config: Path, env: dict, *overrides) -> subprocess.Popen:
@@ -93,8 +103,11 @@ def test_a_dead_rank_ends_the_whole_job_with_an_error(setup):
     config, run_dir, env = setup
     job = sbatch(config, env, "--train.max_steps=100000", "--checkpoint.every=5", "--train.comm_timeout_minutes=0.5")
     wait_for(run_dir / "checkpoints/latest", job)
-    victim = next(p for p in psutil.process_iter(["cmdline", "environ"])
-                  if "launch/pretrain.py" in " ".join(p.info["cmdline"] or []) and (p.info["environ"] or {}).get("RANK") == "1")
+    victim = next(
+        p
+        for p in psutil.process_iter(["cmdline", "environ"])
+        if "launch/pretrain.py" in " ".join(p.info["cmdline"] or []) and (p.info["environ"] or {}).get("RANK") == "1"
+    )
     victim.kill()
     started = time.time()
     output, _ = job.communicate(timeout=120)

@@ -1,4 +1,5 @@
 """Task data: GLUE files as GLUE distributes them, custom CSVs, label mapping, per-rank batches, clear errors."""
+
 import pytest
 import torch
 from helpers import write_task
@@ -24,8 +25,14 @@ def load(cfg, tokenizer):
 
 def test_mnli_files_as_glue_ships_them(tmp_path, tokenizer):
     header = ["index", "promptID", "pairID", "genre", "sentence1", "sentence2", "label1", "gold_label"]
-    write_tsv(tmp_path / "train.tsv", [header, [0, 1, 2, "fiction", 'the "a" of', "and to", "neutral", "neutral"],
-                                       [1, 1, 2, "fiction", "in is", "was for", "contradiction", "contradiction"]])
+    write_tsv(
+        tmp_path / "train.tsv",
+        [
+            header,
+            [0, 1, 2, "fiction", 'the "a" of', "and to", "neutral", "neutral"],
+            [1, 1, 2, "fiction", "in is", "was for", "contradiction", "contradiction"],
+        ],
+    )
     for name, label in (("dev_matched", "entailment"), ("dev_mismatched", "contradiction")):
         write_tsv(tmp_path / f"{name}.tsv", [header, [0, 1, 2, "x", "the a", "of and", label, label]])
     data = load(TaskConfig(name="MNLI", data_dir=str(tmp_path)), tokenizer)
@@ -66,15 +73,18 @@ def test_custom_csv_labels_default_to_the_sorted_train_values(tmp_path, tokenize
     assert data.train["idx"] == list(range(30))
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"text_columns": ["sentence"]}, "task.text_columns: no column 'sentence' in .*train.csv; its columns are \\['text', 'label'\\]"),
-    ({"label_column": "category"}, "task.label_column: no column 'category' in .*train.csv"),
-    ({"labels": ["pos"]}, "task: .*train.csv has labels \\['neg'\\] that are not among the task's labels \\['pos'\\]"),
-    ({"train_file": "/nowhere/train.csv"}, "task: no such file /nowhere/train.csv"),
-    ({"name": "sst3"}, "task.name: unknown task 'sst3'; choose from mnli, qqp"),
-    ({"dev_files": []}, "task.train_file and task.dev_files: a custom task needs"),
-    ({"name": "rte"}, "task.data_dir: give the folder of the rte GLUE files"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"text_columns": ["sentence"]}, "task.text_columns: no column 'sentence' in .*train.csv; its columns are \\['text', 'label'\\]"),
+        ({"label_column": "category"}, "task.label_column: no column 'category' in .*train.csv"),
+        ({"labels": ["pos"]}, "task: .*train.csv has labels \\['neg'\\] that are not among the task's labels \\['pos'\\]"),
+        ({"train_file": "/nowhere/train.csv"}, "task: no such file /nowhere/train.csv"),
+        ({"name": "sst3"}, "task.name: unknown task 'sst3'; choose from mnli, qqp"),
+        ({"dev_files": []}, "task.train_file and task.dev_files: a custom task needs"),
+        ({"name": "rte"}, "task.data_dir: give the folder of the rte GLUE files"),
+    ],
+)
 def test_bad_task_input_names_the_problem(tmp_path, tokenizer, change, expected):
     train, dev = write_task(tmp_path / "train.csv", 20), write_task(tmp_path / "dev.csv", 5)
     base = {"train_file": str(train), "dev_files": [str(dev)]}

@@ -1,4 +1,5 @@
 """Stage-2 run configuration: the task, the finetuned teacher, negatives, the task loss and evaluation."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """Stage-2 data: a task's splits read through `datasets`, labels mapped to ids, tokenised, and batched per rank."""
+
 from __future__ import annotations
 
 import csv
@@ -79,9 +80,11 @@ def _task(name: str, layout: Layout, labels, metrics, cfg: TaskConfig, hub) -> T
         train = Source(layout.train, hub=hub, split=layout.train)
         dev = tuple(Source(split, hub=hub, split=split) for split in layout.dev)
     else:
+
         def source(file: str) -> Source:
             path = Path(cfg.data_dir, file) if cfg.data_dir and not Path(file).is_absolute() else Path(file)
             return Source(path.name.split(".")[0], str(path), header=None if cfg.train_file or cfg.dev_files else layout.header)
+
         train = source(cfg.train_file or layout.train)
         dev = tuple(source(f) for f in (cfg.dev_files or layout.dev))
     return Task(name, columns, label_column, labels, metrics, train, dev)
@@ -223,8 +226,10 @@ class EpochBatches:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.per_epoch = len(split) // (batch_size * world_size)  # a short last global batch is dropped
         if self.per_epoch == 0:
-            raise CodirError(f"task: the training set has {len(split)} examples, fewer than one global batch "
-                             f"({batch_size} x {world_size} ranks); lower train.micro_batch_size")
+            raise CodirError(
+                f"task: the training set has {len(split)} examples, fewer than one global batch "
+                f"({batch_size} x {world_size} ranks); lower train.micro_batch_size"
+            )
         self.epoch, self.position = 0, 0
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, shuffled row order)
 

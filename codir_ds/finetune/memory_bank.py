@@ -1,5 +1,6 @@
 """The stage-2 memory bank: the frozen teacher's features and logits for every training example, and
 label-aware negative sampling from it."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

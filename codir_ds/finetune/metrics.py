@@ -1,4 +1,5 @@
 """Task metrics as pure functions of predictions and references (numpy arrays)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,7 +52,11 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman,
+    "accuracy": accuracy,
+    "f1": f1,
+    "matthews": matthews,
+    "pearson": pearson,
+    "spearman": spearman,
 }
 REGRESSION_METRICS = ("pearson", "spearman")
 

@@ -1,4 +1,5 @@
 """Stage-2 modules DeepSpeed wraps: the finetuned teacher's outputs, and the classifier student with its CoDIR heads."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,13 +97,16 @@ class ClassifierWithHeads(nn.Module):
         pooled = layer_features(hidden_states, self.layers, attention_mask, self.pooling).unflatten(-1, (len(self.layers), -1))
         return self.intermediate.compare(self.to_teacher_width(pooled), target["positives"].unflatten(-1, (len(self.layers), -1)))
 
-    def _contrastive_logits(self, hidden_states, attention_mask, labels, positives=None, negatives=None, candidates=None,
-                            positive_index=None, candidate_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _contrastive_logits(
+        self, hidden_states, attention_mask, labels, positives=None, negatives=None, candidates=None, positive_index=None, candidate_labels=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         anchors = self.heads.project_student(layer_features(hidden_states, self.layers, attention_mask, self.pooling))
         if negatives is not None:
-            logits = sampled_contrastive_logits(anchors, self.heads.project_teacher(positives), self.heads.project_teacher(negatives),
-                                                self.weights.temperature)
+            logits = sampled_contrastive_logits(
+                anchors, self.heads.project_teacher(positives), self.heads.project_teacher(negatives), self.weights.temperature
+            )
             return logits, torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
         anchor_labels = None if candidate_labels is None else labels
-        return contrastive_logits(anchors, self.heads.project_teacher(candidates), positive_index, self.weights.temperature,
-                                  anchor_labels, candidate_labels), positive_index
+        return contrastive_logits(
+            anchors, self.heads.project_teacher(candidates), positive_index, self.weights.temperature, anchor_labels, candidate_labels
+        ), positive_index

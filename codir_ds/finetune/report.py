@@ -1,4 +1,5 @@
 """Teacher vs student after stage 2: dev score, size and inference speed, from the exported folders alone."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,13 @@ def model_report(folder: str | Path, batch_size: int, seq_length: int, repeats: 
             start = time.perf_counter()
             model(input_ids=inputs)
             times.append(time.perf_counter() - start)
-    return {"metric": best["metric"], "score": best["score"], "params": sum(p.numel() for p in model.parameters()),
-            "seconds": statistics.median(times), "layers": model.config.num_hidden_layers}
+    return {
+        "metric": best["metric"],
+        "score": best["score"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": statistics.median(times),
+        "layers": model.config.num_hidden_layers,
+    }
 
 
 def compare_teacher_student(teacher: str, student: str, batch_size: int = 32, seq_length: int = 64, repeats: int = 5) -> dict:
@@ -40,6 +46,8 @@ def compare_teacher_student(teacher: str, student: str, batch_size: int = 32, se
     for name, r in reports.items():
         print(f"{name:8} {r['layers']:>6} {r['params'] / 1e6:>9.2f}M {r['score']:>14.4f} {r['seconds'] * 1e3:>9.1f}")
     ratios = {"size": s["params"] / t["params"], "speedup": t["seconds"] / s["seconds"], "score_retained": s["score"] / t["score"]}
-    print(f"student/teacher: {ratios['size']:.2f}x the parameters, {ratios['speedup']:.2f}x the inference speed "
-          f"(batch {batch_size} x {seq_length} tokens, median of {repeats}), {ratios['score_retained'] * 100:.1f}% of the teacher's {t['metric']}")
+    print(
+        f"student/teacher: {ratios['size']:.2f}x the parameters, {ratios['speedup']:.2f}x the inference speed "
+        f"(batch {batch_size} x {seq_length} tokens, median of {repeats}), {ratios['score_retained'] * 100:.1f}% of the teacher's {t['metric']}"
+    )
     return {**reports, "ratios": ratios}

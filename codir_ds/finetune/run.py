@@ -6,6 +6,7 @@ with label-aware negatives -> dev evaluation, best checkpoint -> export.
 
 The same loop finetunes the teacher itself (`teacher_training_config`): alpha = beta = 0, no teacher.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,8 +105,9 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
     task = data.task  # with the labels a custom task's train set declares
     fit_plan_to_task(cfg, plan, task)
     batches = EpochBatches(data.train, tokenizer, cfg.train.micro_batch_size, rank(), world_size(), cfg.train.seed)
-    train_cfg = dataclasses.replace(cfg.train, max_steps=cfg.train.max_steps or max(1, math.ceil(
-        cfg.train.epochs * batches.per_epoch / cfg.train.gradient_accumulation_steps)))
+    train_cfg = dataclasses.replace(
+        cfg.train, max_steps=cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batches.per_epoch / cfg.train.gradient_accumulation_steps))
+    )
     cfg = dataclasses.replace(cfg, train=train_cfg)
     ds_config = load_ds_config(cfg.train, world_size())
     resume = find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
@@ -139,16 +141,26 @@ def _stage(run: FinetuneRun, plan: ModelPlan, steps_per_epoch: int) -> Stage:
     student_total, _ = parameter_counts(run.student.module.student)
     intermediate = cfg.loss.intermediate if cfg.distils and cfg.loss.beta > 0 else "none"
     negatives = f"{intermediate} ({cfg.codir.negatives} negatives)" if intermediate == "codir" else intermediate
-    summary = (f"task {run.task.name} ({len(run.data.train)} train, " + ", ".join(f"{k} {len(v)}" for k, v in run.data.dev.items())
-               + f"), student {student_total / 1e6:.2f}M params, layer map {plan.layer_map}, intermediate loss {negatives}, "
-               f"{cfg.train.max_steps} steps")
+    summary = (
+        f"task {run.task.name} ({len(run.data.train)} train, "
+        + ", ".join(f"{k} {len(v)}" for k, v in run.data.dev.items())
+        + f"), student {student_total / 1e6:.2f}M params, layer map {plan.layer_map}, intermediate loss {negatives}, "
+        f"{cfg.train.max_steps} steps"
+    )
 
     def after_step(step: int, monitor: Monitor) -> None:
         if step == cfg.train.max_steps or step % (cfg.eval.every or steps_per_epoch) == 0:
             _evaluate_and_keep_best(run, step, monitor)
 
-    return Stage(micro_step=lambda: micro_step(run), rank_state=lambda: _rank_state(run), restore=lambda state: _restore(run, state),
-                 scalars=lambda: _scalars(run), tokens_per_sample=cfg.task.max_seq_length, summary=summary, after_step=after_step)
+    return Stage(
+        micro_step=lambda: micro_step(run),
+        rank_state=lambda: _rank_state(run),
+        restore=lambda state: _restore(run, state),
+        scalars=lambda: _scalars(run),
+        tokens_per_sample=cfg.task.max_seq_length,
+        summary=summary,
+        after_step=after_step,
+    )
 
 
 def micro_step(run: FinetuneRun, live_teacher: bool | None = None) -> dict[str, torch.Tensor]:
@@ -196,8 +208,10 @@ def _queue_candidates(run: FinetuneRun, features, labels) -> tuple[dict, tuple]:
     and the rows to enqueue after the step."""
     batch_features, offset = all_gather_rows(features)
     queued_features, queued_labels = run.queue.valid()
-    contrast = {"candidates": torch.cat([batch_features.to(queued_features.dtype), queued_features]),
-                "positive_index": offset + torch.arange(len(features), device=features.device)}
+    contrast = {
+        "candidates": torch.cat([batch_features.to(queued_features.dtype), queued_features]),
+        "positive_index": offset + torch.arange(len(features), device=features.device),
+    }
     if run.task.regression:
         return contrast, (batch_features, None)
     batch_labels, _ = all_gather_rows(labels)
@@ -228,11 +242,12 @@ def fit_plan_to_task(cfg: FinetuneConfig, plan: ModelPlan, task: Task) -> None:
     """Check the teacher against the task and give the student the task's labels."""
     if cfg.distils:
         if not has_classifier_head(cfg.teacher.path):
-            raise CodirError(f"teacher.path: {cfg.teacher.path} has no classification head: finetune it on the task first "
-                             f"(deepspeed launch/finetune.py teacher --config ...)")
+            raise CodirError(
+                f"teacher.path: {cfg.teacher.path} has no classification head: finetune it on the task first "
+                f"(deepspeed launch/finetune.py teacher --config ...)"
+            )
         if plan.teacher_config.num_labels != task.num_labels:
-            raise CodirError(f"teacher.path: the teacher predicts {plan.teacher_config.num_labels} labels, "
-                             f"task {task.name} has {task.num_labels}")
+            raise CodirError(f"teacher.path: the teacher predicts {plan.teacher_config.num_labels} labels, task {task.name} has {task.num_labels}")
     _configure_for_task(plan.student_config, task)
 
 
@@ -247,9 +262,12 @@ def _configure_for_task(config: PretrainedConfig, task: Task) -> None:
 def build_task_teacher(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict, with_states: bool = False):
     """The frozen task teacher (features of its mapped layers, logits, optionally token states), ZeRO-3
     partitioned with `teacher.zero3`."""
-    return teacher_engine(lambda: load_teacher(cfg.teacher.path, AutoModelForSequenceClassification),
-                          lambda model: TeacherTaskOutputs(model, plan.layer_map, cfg.codir.pooling, with_states),
-                          ds_config, cfg.teacher.zero3)
+    return teacher_engine(
+        lambda: load_teacher(cfg.teacher.path, AutoModelForSequenceClassification),
+        lambda model: TeacherTaskOutputs(model, plan.layer_map, cfg.codir.pooling, with_states),
+        ds_config,
+        cfg.teacher.zero3,
+    )
 
 
 def build_memory_bank(teacher, data: TaskData, tokenizer, cfg: FinetuneConfig) -> MemoryBank:
@@ -260,19 +278,20 @@ def build_memory_bank(teacher, data: TaskData, tokenizer, cfg: FinetuneConfig) -
         features, logits, _ = teacher(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
         return features, logits
 
-    shards = ((collate(data.train, indices, tokenizer), real)
-              for indices, real in padded_shards(len(data.train), rank(), world_size(), cfg.eval.batch_size))
+    shards = (
+        (collate(data.train, indices, tokenizer), real) for indices, real in padded_shards(len(data.train), rank(), world_size(), cfg.eval.batch_size)
+    )
     features, logits = fill_memory_bank(forward, shards, len(data.train), lambda rows: all_gather_rows(rows)[0])
     labels = torch.tensor(data.train["label"])
     bank = MemoryBank(features, logits, labels, data.task.regression)
-    print0(f"codir-ds: memory bank of {len(bank)} teacher features x {features.shape[1]} and logits "
-            f"({bank.nbytes / 2**20:.1f} MiB per rank)")
+    print0(f"codir-ds: memory bank of {len(bank)} teacher features x {features.shape[1]} and logits ({bank.nbytes / 2**20:.1f} MiB per rank)")
     return bank
 
 
 def build_task_student(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict, task: Task):
-    student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map,
-                            AutoModelForSequenceClassification, ignore_mismatched_sizes=True)
+    student = build_student(
+        cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map, AutoModelForSequenceClassification, ignore_mismatched_sizes=True
+    )
     weights = TaskLossWeights(cfg.loss.alpha, cfg.loss.kd_temperature, cfg.loss.beta, cfg.codir.temperature, task.regression, cfg.loss.intermediate)
     module = ClassifierWithHeads(student, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.pooling, weights)
     return student_engine(module, ds_config, cfg.train.deepspeed_config)
@@ -280,6 +299,7 @@ def build_task_student(cfg: FinetuneConfig, plan: ModelPlan, ds_config: dict, ta
 
 def _load_data_rank0_first(cfg: FinetuneConfig, task: Task, tokenizer) -> TaskData:
     """Rank 0 reads and tokenises first (bad data fails once, early); the other ranks reuse its cache."""
+
     def load() -> TaskData:
         return load_task_data(task, tokenizer, cfg.task.max_seq_length, cfg.task.max_train_examples, cfg.task.max_eval_examples)
 
@@ -294,8 +314,10 @@ def _evaluate_and_keep_best(run: FinetuneRun, step: int, monitor: Monitor) -> No
     monitor.scalars(step, {f"eval/{split}/{metric}": value for split, values in results.items() for metric, value in values.items()})
     first_split, primary = next(iter(results)), run.task.metrics[0]
     score = results[first_split][primary]
-    print0(f"codir-ds: step {step}: " + ", ".join(f"{split} {metric} {value:.4f}" for split, values in results.items()
-                                                    for metric, value in values.items()))
+    print0(
+        f"codir-ds: step {step}: "
+        + ", ".join(f"{split} {metric} {value:.4f}" for split, values in results.items() for metric, value in values.items())
+    )
     if not run.best or score > run.best["score"]:
         run.best = {"step": step, "score": score, "metric": f"{first_split}/{primary}", "metrics": results}
         save_checkpoint(run.student, run.cfg.checkpoint_dir, step, _rank_state(run), run.cfg.checkpoint.keep, tag=BEST)
@@ -307,8 +329,13 @@ def _scalars(run: FinetuneRun) -> dict[str, float]:
 
 
 def _rank_state(run: FinetuneRun) -> dict:
-    return {"batches": run.batches.state_dict(), "queue": run.queue.state_dict() if run.queue else None,
-            "sampler": run.sampler.get_state(), "best": run.best, "evals": run.evals}
+    return {
+        "batches": run.batches.state_dict(),
+        "queue": run.queue.state_dict() if run.queue else None,
+        "sampler": run.sampler.get_state(),
+        "best": run.best,
+        "evals": run.evals,
+    }
 
 
 def _restore(run: FinetuneRun, state: dict) -> int:
@@ -326,6 +353,9 @@ def _export(run: FinetuneRun, name: str) -> None:
     if rank() == 0:
         export_student(run.cfg.checkpoint_dir, out, tag=BEST if run.best else None)
         (out / "eval_results.json").write_text(json.dumps({"best": run.best, "history": run.evals}, indent=1))
-        print(f"codir-ds: exported {name} (best {run.best.get('metric')} {run.best.get('score', float('nan')):.4f} "
-              f"at step {run.best.get('step')}) to {out}", flush=True)
+        print(
+            f"codir-ds: exported {name} (best {run.best.get('metric')} {run.best.get('score', float('nan')):.4f} "
+            f"at step {run.best.get('step')}) to {out}",
+            flush=True,
+        )
     barrier()

@@ -1,4 +1,5 @@
 """The task registry: GLUE tasks (text columns, labels, metric, file layout) and user-defined tasks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,15 +41,24 @@ ENTAILMENT = ("entailment", "not_entailment")
 GLUE_TASKS: dict[str, TaskSpec] = {
     task.name: task
     for task in [
-        _glue("mnli", ("entailment", "neutral", "contradiction"), ("accuracy",),
-              _pair("sentence1", "sentence2", "gold_label", dev=("dev_matched.tsv", "dev_mismatched.tsv")),
-              ("premise", "hypothesis"), ("validation_matched", "validation_mismatched")),
+        _glue(
+            "mnli",
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            _pair("sentence1", "sentence2", "gold_label", dev=("dev_matched.tsv", "dev_mismatched.tsv")),
+            ("premise", "hypothesis"),
+            ("validation_matched", "validation_mismatched"),
+        ),
         _glue("qqp", BINARY, ("f1", "accuracy"), _pair("question1", "question2", "is_duplicate"), ("question1", "question2")),
         _glue("qnli", ENTAILMENT, ("accuracy",), _pair("question", "sentence", "label"), ("question", "sentence")),
         _glue("sst2", BINARY, ("accuracy",), Layout(("sentence",), "label", "train.tsv", ("dev.tsv",)), ("sentence",)),
-        _glue("cola", BINARY, ("matthews",),
-              Layout(("sentence",), "label", "train.tsv", ("dev.tsv",), header=("source", "label", "original_label", "sentence")),
-              ("sentence",)),
+        _glue(
+            "cola",
+            BINARY,
+            ("matthews",),
+            Layout(("sentence",), "label", "train.tsv", ("dev.tsv",), header=("source", "label", "original_label", "sentence")),
+            ("sentence",),
+        ),
         _glue("stsb", None, ("pearson", "spearman"), _pair("sentence1", "sentence2", "score"), ("sentence1", "sentence2")),
         _glue("mrpc", BINARY, ("f1", "accuracy"), _pair("#1 String", "#2 String", "Quality"), ("sentence1", "sentence2")),
         _glue("rte", ENTAILMENT, ("accuracy",), _pair("sentence1", "sentence2", "label"), ("sentence1", "sentence2")),

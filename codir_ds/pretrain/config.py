@@ -1,4 +1,5 @@
 """Stage-1 run configuration: the shared sections plus the masked-LM loss weights and the corpus."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,8 +73,10 @@ class PretrainConfig(RunPaths):
         positive(self.loss.kd_temperature, "loss.kd_temperature")
         given = [key for key in ("prepared", "files", "dataset") if getattr(self.data, key)]
         if len(given) != 1:
-            raise CodirError("data: give exactly one of data.prepared (a `codir-ds prepare` folder), data.files or data.dataset"
-                             + (f"; got {' and '.join('data.' + key for key in given)}" if given else ""))
+            raise CodirError(
+                "data: give exactly one of data.prepared (a `codir-ds prepare` folder), data.files or data.dataset"
+                + (f"; got {' and '.join('data.' + key for key in given)}" if given else "")
+            )
         at_least(self.data.prepare_processes, 1, "data.prepare_processes")
         at_least(self.data.num_workers, 0, "data.num_workers")
         at_least(self.data.max_seq_length, 8, "data.max_seq_length")

@@ -6,6 +6,7 @@ computed per index, and its mask comes from a hash of (seed, g, position). So an
 O(1) from its number: resuming, or changing world size / accumulation at equal global batch, sees exactly the
 samples of the uninterrupted run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -88,8 +89,9 @@ def sample_blocks(indices: np.ndarray, num_blocks: int, seed: int) -> np.ndarray
     return out
 
 
-def mask_blocks(blocks: np.ndarray, sample_indices: np.ndarray, seed: int, special_ids: dict, vocab_size: int,
-                mlm_probability: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_blocks(
+    blocks: np.ndarray, sample_indices: np.ndarray, seed: int, special_ids: dict, vocab_size: int, mlm_probability: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS] block [SEP] rows, masked BERT-style: (input_ids, labels), int64 [batch, block_length + 2].
 
     Each non-special position is selected with probability `mlm_probability`; a selected token becomes
@@ -132,14 +134,24 @@ def training_corpus(cfg: DataConfig, tokenizer, run_folder: Path) -> PreparedCor
     `<run_folder>/prepared` (by rank 0, once; a later start reuses it), checked against the teacher's tokenizer."""
     folder = cfg.prepared or str(run_folder / "prepared")
     if not cfg.prepared and rank() == 0:
-        prepare_corpus(cfg.files or [cfg.dataset], tokenizer.name_or_path, folder, cfg.max_seq_length, cfg.text_column,
-                       cfg.prepare_processes, dataset_config=cfg.dataset_config, split=cfg.split)
+        prepare_corpus(
+            cfg.files or [cfg.dataset],
+            tokenizer.name_or_path,
+            folder,
+            cfg.max_seq_length,
+            cfg.text_column,
+            cfg.prepare_processes,
+            dataset_config=cfg.dataset_config,
+            split=cfg.split,
+        )
     barrier()
     corpus = PreparedCorpus(folder)
     corpus.check_tokenizer(tokenizer)
     if corpus.block_length != cfg.max_seq_length - 2:
-        raise CodirError(f"data.max_seq_length: {cfg.max_seq_length}, but {folder} holds blocks for sequences of "
-                         f"{corpus.block_length + 2}; set data.max_seq_length={corpus.block_length + 2} or prepare again")
+        raise CodirError(
+            f"data.max_seq_length: {cfg.max_seq_length}, but {folder} holds blocks for sequences of "
+            f"{corpus.block_length + 2}; set data.max_seq_length={corpus.block_length + 2} or prepare again"
+        )
     return corpus
 
 
@@ -157,8 +169,10 @@ class PreparedCorpus:
         count = numbers.pop()
         missing = sorted(set(range(count)) - {int(_PART.fullmatch(p.name)[1]) for p in parts})
         if missing:
-            raise CodirError(f"{folder}: incomplete prepared corpus, part(s) {missing} of {count} missing "
-                             "(still being prepared, or failed: run codir-ds prepare for them)")
+            raise CodirError(
+                f"{folder}: incomplete prepared corpus, part(s) {missing} of {count} missing "
+                "(still being prepared, or failed: run codir-ds prepare for them)"
+            )
         self.parts = parts
         self.metas = [json.loads((p / "meta.json").read_text()) for p in parts]
         first = self.metas[0]
@@ -169,8 +183,12 @@ class PreparedCorpus:
         self.block_length, self.tokenizer_hash = first["block_length"], first["tokenizer_hash"]
         self.special_ids, self.vocab_size, self.dtype = first["special_ids"], first["vocab_size"], np.dtype(first["dtype"])
         self.offsets = np.cumsum([0] + [m["counts"]["blocks"] for m in self.metas])
-        self.meta = {**first, "counts": {k: sum(m["counts"][k] for m in self.metas) for k in first["counts"]},
-                     "sources": [s for m in self.metas for s in m["sources"]], "shard": f"{count} parts"}
+        self.meta = {
+            **first,
+            "counts": {k: sum(m["counts"][k] for m in self.metas) for k in first["counts"]},
+            "sources": [s for m in self.metas for s in m["sources"]],
+            "shard": f"{count} parts",
+        }
         self._open()
 
     def _open(self) -> None:
@@ -206,8 +224,10 @@ class PreparedCorpus:
     def check_tokenizer(self, tokenizer) -> None:
         """Fail unless `tokenizer` (the teacher's) is the one the corpus was prepared with."""
         if tokenizer_hash(tokenizer) != self.tokenizer_hash:
-            raise CodirError(f"{self.folder}: prepared with tokenizer {self.meta['tokenizer']!r}, whose vocabulary differs "
-                             f"from {tokenizer.name_or_path!r}'s; prepare the corpus again with the teacher's tokenizer")
+            raise CodirError(
+                f"{self.folder}: prepared with tokenizer {self.meta['tokenizer']!r}, whose vocabulary differs "
+                f"from {tokenizer.name_or_path!r}'s; prepare the corpus again with the teacher's tokenizer"
+            )
 
 
 _WIRE = {"input_ids": np.int32, "labels": np.int32, "attention_mask": np.int8}  # token ids < 2**31
@@ -237,8 +257,16 @@ class MicroBatches(Dataset):
     equal G.
     """
 
-    def __init__(self, corpus: PreparedCorpus, micro_batch_size: int, gradient_accumulation_steps: int = 1,
-                 world_size: int = 1, rank: int = 0, seed: int = 0, mlm_probability: float = 0.15):
+    def __init__(
+        self,
+        corpus: PreparedCorpus,
+        micro_batch_size: int,
+        gradient_accumulation_steps: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        mlm_probability: float = 0.15,
+    ):
         if not 0 <= rank < world_size:
             raise CodirError(f"rank {rank} is not in [0, {world_size})")
         self.corpus, self.seed, self.mlm_probability = corpus, seed, mlm_probability
@@ -263,16 +291,20 @@ class MicroBatches(Dataset):
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
         indices = self.sample_indices(j)
         blocks = self.corpus.blocks(self.block_ids(j))
-        input_ids, labels = mask_blocks(blocks, indices, self.seed, self.corpus.special_ids, self.corpus.vocab_size,
-                                        self.mlm_probability)
-        return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
-                     sample_index=torch.from_numpy(indices))
+        input_ids, labels = mask_blocks(blocks, indices, self.seed, self.corpus.special_ids, self.corpus.vocab_size, self.mlm_probability)
+        return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels, sample_index=torch.from_numpy(indices))
 
 
-def micro_batch_loader(dataset: MicroBatches, start_micro_batch: int, num_workers: int = 2,
-                       pin_memory: bool = False) -> DataLoader:
+def micro_batch_loader(dataset: MicroBatches, start_micro_batch: int, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
     """Micro-batches start_micro_batch, start_micro_batch + 1, ... (O(1) to start anywhere). The batches need no
     randomness beyond their indices, so the loader leaves the process's random state alone."""
-    return DataLoader(dataset, batch_size=None, sampler=range(start_micro_batch, 2**62), num_workers=num_workers,
-                      pin_memory=pin_memory, prefetch_factor=4 if num_workers else None, persistent_workers=num_workers > 0,
-                      generator=torch.Generator())  # its own: starting it must not draw from the training RNG (dropout)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start_micro_batch, 2**62),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator(),
+    )  # its own: starting it must not draw from the training RNG (dropout)

@@ -1,4 +1,5 @@
 """The modules DeepSpeed wraps: the frozen teacher's feature extractor and the student with its CoDIR heads."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

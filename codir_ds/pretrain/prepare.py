@@ -5,6 +5,7 @@ blocks, one flat uint16/uint32 array) and `meta.json`. Documents are separated b
 [CLS] ... [SEP] around each block are added at load time (see `data.py`). n shards can be prepared by n
 independent jobs; each part is written to `<part>.partial/` and renamed when complete.
 """
+
 from __future__ import annotations
 
 import glob
@@ -29,15 +30,23 @@ FORMAT_VERSION = 1
 MAX_CHARS_PER_PIECE = 100_000  # very long documents are tokenised piecewise
 MAP_BATCH_SIZE = 2_000  # documents per tokenizer call
 PACK_CHUNK_ROWS = 20_000  # documents per packing/writing step
-_BUILDERS = {".txt": "text", ".text": "text", ".cor": "text", ".json": "json", ".jsonl": "json",
-             ".parquet": "parquet", ".csv": "csv"}
+_BUILDERS = {".txt": "text", ".text": "text", ".cor": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz")
 _SHARD = re.compile(r"(\d+)/(\d+)")
 
 
-def prepare_corpus(sources: list[str], tokenizer: str, out: str, max_seq_length: int = 128, text_column: str = "text",
-                   num_proc: int = 1, shard: str = "0/1", dataset_config: str = "", split: str = "train",
-                   overwrite: bool = False) -> Path:
+def prepare_corpus(
+    sources: list[str],
+    tokenizer: str,
+    out: str,
+    max_seq_length: int = 128,
+    text_column: str = "text",
+    num_proc: int = 1,
+    shard: str = "0/1",
+    dataset_config: str = "",
+    split: str = "train",
+    overwrite: bool = False,
+) -> Path:
     """Tokenise and pack shard `shard` ("i/n") of the corpus into `<out>/part-i-of-n/`; return that folder.
 
     An existing part made from the same inputs is reused; one from other inputs needs `overwrite`.
@@ -52,8 +61,16 @@ def prepare_corpus(sources: list[str], tokenizer: str, out: str, max_seq_length:
     files, hub = resolve_sources(list(sources))
     described = [{"path": f, "bytes": os.path.getsize(f)} for f in files] or [{"dataset": hub, "config": dataset_config, "split": split}]
     stamps = [{**d, "mtime_ns": os.stat(d["path"]).st_mtime_ns} for d in described] if files else described
-    fingerprint = _sha256({"format": FORMAT_VERSION, "sources": stamps, "tokenizer": vocab_hash,
-                           "block_length": block, "text_column": text_column, "shard": f"{index}/{count}"})
+    fingerprint = _sha256(
+        {
+            "format": FORMAT_VERSION,
+            "sources": stamps,
+            "tokenizer": vocab_hash,
+            "block_length": block,
+            "text_column": text_column,
+            "shard": f"{index}/{count}",
+        }
+    )
 
     final = Path(out) / f"part-{index:05d}-of-{count:05d}"
     if _is_current(final, fingerprint, overwrite):
@@ -71,42 +88,63 @@ def prepare_corpus(sources: list[str], tokenizer: str, out: str, max_seq_length:
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by a crashed run
     partial.mkdir(parents=True)
-    features = datasets.Features({"ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name)),
-                                  "undecodable": datasets.Value("bool")})
-    tokenised = corpus.map(_tokenise, batched=True, batch_size=MAP_BATCH_SIZE, num_proc=num_proc if num_proc > 1 else None,
-                           remove_columns=corpus.column_names, features=features, fn_kwargs={"tokenizer": tok, "column": text_column},
-                           cache_file_name=str(partial / "tokenised.arrow"), load_from_cache_file=False, desc="tokenising",
-                           new_fingerprint=fingerprint[:40])  # spares datasets hashing the tokenizer
+    features = datasets.Features({"ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name)), "undecodable": datasets.Value("bool")})
+    tokenised = corpus.map(
+        _tokenise,
+        batched=True,
+        batch_size=MAP_BATCH_SIZE,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=corpus.column_names,
+        features=features,
+        fn_kwargs={"tokenizer": tok, "column": text_column},
+        cache_file_name=str(partial / "tokenised.arrow"),
+        load_from_cache_file=False,
+        desc="tokenising",
+        new_fingerprint=fingerprint[:40],
+    )  # spares datasets hashing the tokenizer
 
     counts = document_counts(tokenised.data, block)
     with (partial / "tokens.bin").open("wb") as handle:
         blocks = pack_blocks(tokenised.data.column("ids"), block, dtype, handle, counts["tokens"])
     if blocks == 0:
         shutil.rmtree(partial, ignore_errors=True)
-        raise CodirError(f"prepare: the corpus {_describe(files, hub)} is too short for one block of {block} tokens "
-                         f"(it has {counts['tokens']} tokens)")
+        raise CodirError(
+            f"prepare: the corpus {_describe(files, hub)} is too short for one block of {block} tokens (it has {counts['tokens']} tokens)"
+        )
     del tokenised
     for path in partial.glob("tokenised*.arrow"):
         path.unlink()
     counts.update(blocks=blocks, dropped_tail_tokens=counts["tokens"] - blocks * block)
-    meta = {"format": FORMAT_VERSION, "tokenizer": tok.name_or_path, "tokenizer_hash": vocab_hash,
-            "vocab_size": len(tok), "dtype": np.dtype(dtype).name, "block_length": block, "special_ids": special,
-            "counts": counts, "sources": described, "text_column": text_column, "shard": f"{index}/{count}",
-            "fingerprint": fingerprint}
+    meta = {
+        "format": FORMAT_VERSION,
+        "tokenizer": tok.name_or_path,
+        "tokenizer_hash": vocab_hash,
+        "vocab_size": len(tok),
+        "dtype": np.dtype(dtype).name,
+        "block_length": block,
+        "special_ids": special,
+        "counts": counts,
+        "sources": described,
+        "text_column": text_column,
+        "shard": f"{index}/{count}",
+        "fingerprint": fingerprint,
+    }
     (partial / "meta.json").write_text(json.dumps(meta, indent=1))
     if final.exists():
         shutil.rmtree(final)  # --overwrite
     _publish(partial, final)
 
     seconds = time.perf_counter() - start
-    print(f"codir-ds prepare: part {index}/{count}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, "
-          f"{blocks:,} blocks of {block} in {seconds:.1f} s ({text_bytes / seconds / 1e6:.2f} MB/s, "
-          f"{counts['tokens'] / seconds:,.0f} tokens/s) -> {final}")
+    print(
+        f"codir-ds prepare: part {index}/{count}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, "
+        f"{blocks:,} blocks of {block} in {seconds:.1f} s ({text_bytes / seconds / 1e6:.2f} MB/s, "
+        f"{counts['tokens'] / seconds:,.0f} tokens/s) -> {final}"
+    )
     return final
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
-    """"i/n" -> (i, n) with 0 <= i < n."""
+    """ "i/n" -> (i, n) with 0 <= i < n."""
     match = _SHARD.fullmatch(str(shard).strip())
     if not match or not int(match[1]) < int(match[2]):
         raise CodirError(f"shard: {shard!r} is not 'i/n' with 0 <= i < n (e.g. '0/1' or '3/8')")
@@ -120,12 +158,16 @@ def tokenizer_hash(tokenizer) -> str:
 
 def special_ids(tokenizer) -> dict[str, int | None]:
     """The ids of [CLS], [SEP], [MASK], [PAD] and [UNK]; the first three are required."""
-    ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "mask": tokenizer.mask_token_id,
-           "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id}
+    ids = {
+        "cls": tokenizer.cls_token_id,
+        "sep": tokenizer.sep_token_id,
+        "mask": tokenizer.mask_token_id,
+        "pad": tokenizer.pad_token_id,
+        "unk": tokenizer.unk_token_id,
+    }
     missing = [name for name in ("cls", "sep", "mask") if ids[name] is None]
     if missing:
-        raise CodirError(f"tokenizer {tokenizer.name_or_path!r} has no {'/'.join(missing).upper()} token; "
-                         "masked-LM blocks need CLS, SEP and MASK")
+        raise CodirError(f"tokenizer {tokenizer.name_or_path!r} has no {'/'.join(missing).upper()} token; masked-LM blocks need CLS, SEP and MASK")
     return ids
 
 
@@ -153,9 +195,13 @@ def resolve_sources(sources: list[str]) -> tuple[list[str], str]:
 def document_counts(table: pa.Table, block: int) -> dict[str, int]:
     """documents, empty, undecodable, long (more tokens than one block) and tokens (separators included)."""
     lengths = pc.list_value_length(table.column("ids"))
-    return {"documents": table.num_rows, "empty": _int(pc.sum(pc.equal(lengths, 0))),
-            "undecodable": _int(pc.sum(table.column("undecodable"))), "long": _int(pc.sum(pc.greater(lengths, block + 1))),
-            "tokens": _int(pc.sum(lengths))}
+    return {
+        "documents": table.num_rows,
+        "empty": _int(pc.sum(pc.equal(lengths, 0))),
+        "undecodable": _int(pc.sum(table.column("undecodable"))),
+        "long": _int(pc.sum(pc.greater(lengths, block + 1))),
+        "tokens": _int(pc.sum(lengths)),
+    }
 
 
 def pack_blocks(ids: pa.ChunkedArray, block: int, dtype, handle, total_tokens: int) -> int:
@@ -185,8 +231,11 @@ def _tokenise(batch: dict, tokenizer, column: str) -> dict:
             for piece in _pieces(text):
                 pieces.append(piece)
                 owners.append(doc)
-    encoded = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-                        verbose=False)["input_ids"] if pieces else []
+    encoded = (
+        tokenizer(pieces, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+        if pieces
+        else []
+    )
     ids = [[] for _ in texts]
     for doc, piece in zip(owners, encoded):
         ids[doc] += piece
@@ -217,8 +266,7 @@ def _load(files: list[str], hub: str, dataset_config: str, split: str) -> datase
         return datasets.load_dataset(builder, data_files=files, split="train", **extra)
     except Exception as err:  # datasets/pyarrow raise many types for unreadable files
         cause = _root_cause(err)
-        raise CodirError(f"prepare: cannot read {_describe(files, hub)}: {type(cause).__name__}: "
-                         f"{error_line(cause, limit=200)}") from None
+        raise CodirError(f"prepare: cannot read {_describe(files, hub)}: {type(cause).__name__}: {error_line(cause, limit=200)}") from None
 
 
 def _check_text_column(corpus: datasets.Dataset, column: str) -> None:
@@ -236,8 +284,9 @@ def _builder(files: list[str]) -> str:
     for path in files:
         suffix = _suffix(path)
         if suffix not in _BUILDERS:
-            raise CodirError(f"prepare: unsupported file type {path} (use {', '.join(sorted(_BUILDERS))}, "
-                             f"optionally {'/'.join(_COMPRESSIONS)} compressed)")
+            raise CodirError(
+                f"prepare: unsupported file type {path} (use {', '.join(sorted(_BUILDERS))}, optionally {'/'.join(_COMPRESSIONS)} compressed)"
+            )
         kinds.add(_BUILDERS[suffix])
     if len(kinds) > 1:
         raise CodirError(f"prepare: mixed file types {sorted(kinds)}; give files of one type")
@@ -260,8 +309,10 @@ def _is_current(part: Path, fingerprint: str, overwrite: bool) -> bool:
     if overwrite or not (part / "meta.json").is_file():
         return False
     if json.loads((part / "meta.json").read_text()).get("fingerprint") != fingerprint:
-        raise CodirError(f"prepare: {part} was prepared from other inputs (corpus, tokenizer, max_seq_length, "
-                         "text_column or shard); pass --overwrite=true to replace it")
+        raise CodirError(
+            f"prepare: {part} was prepared from other inputs (corpus, tokenizer, max_seq_length, "
+            "text_column or shard); pass --overwrite=true to replace it"
+        )
     return True
 
 

@@ -4,11 +4,12 @@ config -> data -> frozen (ZeRO-3) teacher forward -> all-gathered teacher featur
 (MLM + KD + CoDIR against in-batch and queued negatives) -> engine.backward / engine.step -> enqueue
 -> logs / checkpoints -> export.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import deepspeed
 import torch
@@ -79,8 +80,9 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     student = build_student_engine(cfg, plan, ds_config, weights)
     seed_rank(cfg.train.seed, rank())
     queue = NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=student.device)
-    data = MicroBatches(corpus, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), rank(),
-                        cfg.train.seed, cfg.data.mlm_probability)
+    data = MicroBatches(
+        corpus, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size(), rank(), cfg.train.seed, cfg.data.mlm_probability
+    )
     run = PretrainRun(student, teacher, queue, plan, data, cfg.codir.temperature, cfg.data.num_workers)
 
     result = train(cfg, student, _stage(run, cfg), tokenizer, resume, stop_after)
@@ -97,11 +99,20 @@ def _stage(run: PretrainRun, cfg: PretrainConfig) -> Stage:
     teacher_total, teacher_here = parameter_counts(run.teacher.module)
     student_total, _ = parameter_counts(run.student.module.student)
     counts = run.data.corpus.meta["counts"]
-    summary = (f"teacher {teacher_total / 1e6:.2f}M params ({teacher_here / 1e6:.2f}M on rank 0), student "
-               f"{student_total / 1e6:.2f}M, layer map {run.plan.layer_map}, dtype {run.student.get_data_types()[0]}, "
-               f"corpus {counts['blocks']:,} blocks of {run.data.corpus.block_length} tokens from {counts['documents']:,} documents")
-    return Stage(micro_step=lambda: micro_step(run), rank_state=lambda: _rank_state(run), restore=lambda state: _restore(run, state),
-                 scalars=lambda: _scalars(run), tokens_per_sample=cfg.data.max_seq_length, summary=summary, elastic=True)
+    summary = (
+        f"teacher {teacher_total / 1e6:.2f}M params ({teacher_here / 1e6:.2f}M on rank 0), student "
+        f"{student_total / 1e6:.2f}M, layer map {run.plan.layer_map}, dtype {run.student.get_data_types()[0]}, "
+        f"corpus {counts['blocks']:,} blocks of {run.data.corpus.block_length} tokens from {counts['documents']:,} documents"
+    )
+    return Stage(
+        micro_step=lambda: micro_step(run),
+        rank_state=lambda: _rank_state(run),
+        restore=lambda state: _restore(run, state),
+        scalars=lambda: _scalars(run),
+        tokens_per_sample=cfg.data.max_seq_length,
+        summary=summary,
+        elastic=True,
+    )
 
 
 def micro_step(run: PretrainRun) -> dict[str, torch.Tensor]:
@@ -133,24 +144,32 @@ def _rank_state(run: PretrainRun) -> dict:
 def _restore(run: PretrainRun, state: dict) -> None:
     saved = state["data"]
     if saved["global_batch"] != run.global_batch:
-        raise CodirError(f"checkpoint: written with a global batch of {saved['global_batch']} samples, this run has "
-                         f"{run.global_batch} (micro_batch_size x gradient_accumulation_steps x world size); keep the "
-                         f"global batch when resuming, e.g. double train.gradient_accumulation_steps on half the ranks")
+        raise CodirError(
+            f"checkpoint: written with a global batch of {saved['global_batch']} samples, this run has "
+            f"{run.global_batch} (micro_batch_size x gradient_accumulation_steps x world size); keep the "
+            f"global batch when resuming, e.g. double train.gradient_accumulation_steps on half the ranks"
+        )
     run.next_micro_batch = saved["consumed_samples"] // run.global_batch * run.data.a
     run.queue.load_state_dict(state["queue"])
 
 
 def _scalars(run: PretrainRun) -> dict[str, float]:
     """Scalars beside the loss terms, on logging steps."""
-    return {"lr": run.student.get_lr()[0], "codir/queue_fill": run.queue.fill_fraction,
-            "data/consumed_samples": float(run.consumed_samples), "data/epoch": run.consumed_samples / len(run.data.corpus)}
+    return {
+        "lr": run.student.get_lr()[0],
+        "codir/queue_fill": run.queue.fill_fraction,
+        "data/consumed_samples": float(run.consumed_samples),
+        "data/epoch": run.consumed_samples / len(run.data.corpus),
+    }
 
 
 def loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
     kd = cfg.loss.kd
     if kd > 0 and not plan.teacher_has_mlm_head:
-        print0(f"codir-ds: notice: teacher {cfg.teacher.path} has no trained MLM head; "
-                f"logit KD is off (loss.kd {kd} -> 0). CoDIR on hidden states still applies.")
+        print0(
+            f"codir-ds: notice: teacher {cfg.teacher.path} has no trained MLM head; "
+            f"logit KD is off (loss.kd {kd} -> 0). CoDIR on hidden states still applies."
+        )
         kd = 0.0
     return LossWeights(cfg.loss.mlm, kd, cfg.loss.kd_temperature, cfg.loss.codir, cfg.codir.temperature)
 
@@ -158,9 +177,12 @@ def loss_weights(cfg: PretrainConfig, plan: ModelPlan) -> LossWeights:
 def build_teacher_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, with_logits: bool):
     """The frozen teacher's feature (and MLM-logit) extractor, ZeRO-3 partitioned with `teacher.zero3`."""
     auto = AutoModelForMaskedLM if with_logits else AutoModel
-    return teacher_engine(lambda: load_teacher(cfg.teacher.path, auto),
-                          lambda model: TeacherFeatures(model, plan.layer_map, cfg.codir.pooling, with_logits),
-                          ds_config, cfg.teacher.zero3)
+    return teacher_engine(
+        lambda: load_teacher(cfg.teacher.path, auto),
+        lambda model: TeacherFeatures(model, plan.layer_map, cfg.codir.pooling, with_logits),
+        ds_config,
+        cfg.teacher.zero3,
+    )
 
 
 def build_student_engine(cfg: PretrainConfig, plan: ModelPlan, ds_config: dict, weights: LossWeights):

@@ -1,4 +1,5 @@
 """Run by the deepspeed launcher: a real stage-2 run, then facts about its memory bank, queue and evaluations."""
+
 import json
 
 import fire

@@ -1,4 +1,5 @@
 """Run by the deepspeed launcher: a real stage-1 run, then facts about its teacher, queue and student."""
+
 import json
 
 import deepspeed

@@ -1,4 +1,5 @@
 """Run by the deepspeed launcher: uneven per-rank batches through all_gather_rows into a NegativeQueue."""
+
 import json
 
 import deepspeed
