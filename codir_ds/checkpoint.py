@@ -104,8 +104,7 @@ def load_checkpoint(engine, directory: Path, resume: Resume, elastic: bool = Fal
     rank_file = folder / f"rank_{0 if resume.elastic else rank()}.pt"
     try:
         if resume.universal_tag:
-            load_universal(engine, directory, resume.universal_tag)
-            path = folder
+            path, _ = load_universal(engine, directory, resume.universal_tag)
         else:
             path, _ = engine.load_checkpoint(str(directory), tag=resume.tag)
         state = torch.load(rank_file, map_location="cpu", weights_only=False)

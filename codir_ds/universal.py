@@ -1,10 +1,9 @@
 """Elastic resume: load a ZeRO-1/2/3 checkpoint written by N ranks on M ranks via DeepSpeed's universal checkpoint.
 
-Order of calls on a resume whose world size differs from the checkpoint's:
-  1. rank 0: `convert_to_universal(dir, tag)` (the other ranks wait at a barrier; every rank then uses the returned tag),
-  2. every rank: build the engine with `universal_ds_config(ds_config)` (`deepspeed.initialize`),
-  3. every rank: `load_universal(engine, dir, universal_tag)`.
-Per-rank state saved next to the engine state (`rank_*.pt`) is not copied: it stays in `<dir>/<tag>`.
+On a resume whose world size differs from the checkpoint's, `elastic_ds_config` has rank 0 convert the
+checkpoint (`convert_to_universal`) and gives the config to build the engine with; `checkpoint.load_checkpoint`
+then restores it with `load_universal`. codir-ds's own state (`rank_*.pt`) stays in `<dir>/<tag>`: the data
+position and queue are the same on every rank, so rank 0's serves any world size.
 """
 
 from __future__ import annotations
@@ -118,24 +117,15 @@ def universal_ds_config(ds_config: dict) -> dict:
     return config
 
 
-def load_universal(engine, checkpoint_dir: Path, tag: str) -> None:
-    """Restore weights, optimizer, lr scheduler and step counters of `engine` from universal checkpoint `tag`.
-
-    The engine must have been built from `universal_ds_config(...)`.
-    """
+def load_universal(engine, checkpoint_dir: Path, tag: str):
+    """Restore weights, optimizer, lr scheduler and step counters of `engine` from universal checkpoint `tag`;
+    returns what `engine.load_checkpoint` returns. The engine must have been built from `universal_ds_config(...)`."""
     folder = Path(checkpoint_dir) / tag
     if not (folder / "zero").is_dir():
         raise CodirError(f"universal checkpoint: no {folder}/zero (convert it first with convert_to_universal)")
     if not engine.load_universal_checkpoint():
         raise CodirError(f"universal checkpoint {folder}: the engine was not built with checkpoint.load_universal")
-    try:
-        path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    except CodirError:
-        raise
-    except Exception as err:
-        raise CodirError(f"corrupt universal checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}") from None
-    if path is None:
-        raise CodirError(f"corrupt universal checkpoint {folder}: DeepSpeed found no model state in it")
+    return engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
 
 
 def elastic_ds_config(checkpoint_dir: Path, resume, ds_config: dict) -> dict:

@@ -7,6 +7,7 @@ from helpers import tiny_bert_config
 
 from codir_ds.config import load_config
 from codir_ds.errors import CodirError
+from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.models import plan_models
 from codir_ds.pretrain.config import PretrainConfig
 
@@ -132,3 +133,19 @@ def test_error_line_reports_empty_and_multiline_messages():
     assert error_line(RuntimeError("head:\n\tMissing key(s): x"), index=1) == "Missing key(s): x"
     assert error_line(RuntimeError("only"), index=1) == "only"
     assert error_line(OSError("x" * 500), limit=200) == "x" * 200
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("loss.kd", "renamed loss.alpha (the KD mix)"), ("loss.codir", "renamed loss.beta (the intermediate-loss weight)")],
+)
+def test_old_stage2_loss_weight_names_point_to_the_new_ones(old, new):
+    message = error_of(lambda: load_config(FinetuneConfig, None, {"teacher.path": "t", old: 0.5}))
+    assert message == f"config key '{old}' is no more: {new}"
+
+
+def test_stage1_needs_exactly_one_corpus_source(tmp_path, tiny_teacher):
+    path = base(tmp_path, tiny_teacher, data={"prepared": "/data/prepared"})
+    assert error_of(lambda: load_config(PretrainConfig, str(path))) == (
+        "data: give exactly one of data.prepared (a `codir-ds prepare` folder), data.files or data.dataset; got data.prepared and data.files"
+    )

@@ -163,7 +163,7 @@ def _stage(run: FinetuneRun, plan: ModelPlan, steps_per_epoch: int) -> Stage:
     )
 
 
-def micro_step(run: FinetuneRun, live_teacher: bool | None = None) -> dict[str, torch.Tensor]:
+def micro_step(run: FinetuneRun) -> dict[str, torch.Tensor]:
     """One forward/backward/step on this rank's next micro-batch; its loss terms and CoDIR statistics, detached."""
     cfg, device = run.cfg, run.student.device
     batch = {k: v.to(device) for k, v in run.batches.next_batch().items()}
@@ -171,8 +171,7 @@ def micro_step(run: FinetuneRun, live_teacher: bool | None = None) -> dict[str, 
     labels, idx = batch["labels"], batch["idx"]
     teacher_logits, target, enqueue = None, None, None
     if cfg.distils:
-        live = run.teacher is not None if live_teacher is None else live_teacher
-        if live:
+        if run.teacher is not None:
             with torch.no_grad():
                 features, teacher_logits, states = run.teacher(**inputs)
         else:
