@@ -12,6 +12,7 @@ alone on the same shapes and reported as a share of (c). Prints a Markdown table
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -42,16 +43,6 @@ CODIR_VARIANTS = [  # (label, teacher partitioned with ZeRO-3, student DeepSpeed
     ("(c) codir-ds, replicated teacher, ZeRO-2 student", False, "ds_configs/cpu_small.json"),
     ("(c) codir-ds, replicated teacher, ZeRO-0 student", False, "ds_configs/cpu_zero0.json"),
 ]
-
-
-class FixedBatch:
-    """Stands in for the data stream: the same masked batch every step."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def next_batch(self):
-        return self.batch
 
 
 def synthetic_batch(shape: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -116,8 +107,9 @@ def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, ca
         student_engine = build_student_engine(cfg, plan, ds_config, loss_weights(cfg, plan))
         queue = NegativeQueue(queue_length, plan.teacher_feature_dim, device=student_engine.device)
         queue.enqueue(torch.randn(queue_length, plan.teacher_feature_dim))
-        run = PretrainRun(student_engine, teacher_engine, queue, plan)
-        variants[label] = lambda run=run, cfg=cfg: micro_step(run, FixedBatch(batch), cfg)
+        # no corpus: the same masked batch every step
+        run = PretrainRun(student_engine, teacher_engine, queue, plan, None, cfg.codir.temperature, 0, batches=itertools.repeat(batch))
+        variants[label] = lambda run=run: micro_step(run)
     variants["CoDIR part alone (pool, heads, InfoNCE, K queued)"] = codir_part(shape, queue_length)
     return variants
 

@@ -20,7 +20,7 @@ from deepspeed.accelerator import get_accelerator
 
 from .distributed import barrier, rank, world_size
 from .errors import CodirError, error_line
-from .universal import load_universal
+from .universal import load_universal, universal_tag
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -157,6 +157,7 @@ def _complete_checkpoints(directory: Path) -> list[Path]:
 def _prune(directory: Path, keep: int) -> None:
     for old in _complete_checkpoints(directory)[:-keep]:
         shutil.rmtree(old)
+        shutil.rmtree(old.with_name(universal_tag(old.name)), ignore_errors=True)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

@@ -27,11 +27,10 @@ def prepare_demo(out_dir: str = "runs/demo", max_steps: int = 120) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.jsonl"
-    documents = 0
-    with corpus.open("w") as handle:
-        for text in [*wikipedia_articles(_gensim_data(WIKI_DUMP)), *_gensim_data(NEWS).read_text(errors="replace").splitlines()]:
-            handle.write(json.dumps({"text": text}) + "\n")
-            documents += 1
+    texts = [*wikipedia_articles(_gensim_data(WIKI_DUMP)), *_gensim_data(NEWS).read_text(errors="replace").splitlines()]
+    content, documents = "".join(json.dumps({"text": text}) + "\n" for text in texts), len(texts)
+    if not corpus.is_file() or corpus.read_text() != content:  # unchanged: a second demo reuses its prepared corpus
+        corpus.write_text(content)
     config = {
         "teacher": {"path": str(minilm_path())},
         "student": {"num_layers": 3},  # initialised from teacher layers 2, 4, 6

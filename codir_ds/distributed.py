@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 
 import deepspeed
 import deepspeed.comm as dist
 import torch
+from deepspeed.accelerator import get_accelerator
+
+from .errors import CodirError
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
@@ -21,6 +25,24 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # collectives before any engine exists use it
+
+
+def device() -> torch.device:
+    """This rank's accelerator device (the CPU under DS_ACCELERATOR=cpu): where collectives' tensors live."""
+    return torch.device(get_accelerator().current_device_name())
+
+
+def rank0_first(work: Callable[[], object]) -> None:
+    """Run `work` on rank 0 while the other ranks wait; a `CodirError` (or OSError) there is raised on every rank."""
+    failure = None
+    if rank() == 0:
+        try:
+            work()
+        except (CodirError, OSError) as err:
+            failure = err if isinstance(err, CodirError) else CodirError(f"{type(err).__name__}: {err}")
+    if any_rank(failure is not None, device()):
+        raise failure or CodirError("rank 0 failed before training started; its log line says why")
 
 
 def _free_port() -> int:

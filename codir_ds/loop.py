@@ -7,6 +7,7 @@ evaluates there). Everything else (resume, student spec, monitor, stop requests)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,15 +38,14 @@ class Stage:
 
 @dataclass
 class TrainResult:
-    """What the loop leaves: the first and last step of this run and the values (rank-averaged) of each logged step."""
+    """What the loop leaves: the last step done and the values (rank-averaged) of each logged step."""
 
-    start: int
     done: int
     history: list[dict[str, float]] = field(default_factory=list)
 
 
 def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_after: int | None = None) -> TrainResult:
-    """Run `cfg.train.max_steps` optimizer steps of `stage` on the student `engine` (or stop after `stop_after`
+    """Run `cfg.train.max_steps` optimizer steps of `stage` on the student `engine` (or stop after step `stop_after`
     steps, or on a stop request), resuming from `resume` (see `find_resume`); checkpoints as `cfg.checkpoint` says."""
     checkpoints, start = cfg.checkpoint_dir, 0
     tag = resume.tag if resume else None
@@ -61,7 +61,7 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
     accumulation = cfg.train.gradient_accumulation_steps
     samples = cfg.train.micro_batch_size * accumulation * world_size()
     last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
-    result, stop = TrainResult(start, start), StopRequest(cfg.stop_file)
+    result, stop = TrainResult(start), StopRequest(cfg.stop_file)
     for step in range(start + 1, last + 1):
         terms = average_terms([stage.micro_step() for _ in range(accumulation)])  # tensors: no host sync here
         logged = monitor.step(step, samples, samples * stage.tokens_per_sample, terms, stage.scalars)
@@ -84,7 +84,7 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
 
 
 def _announce(cfg, stage: Stage, resumed_from: str | None, monitor: Monitor) -> None:
-    resolved = config_to_dict(cfg)
-    monitor.text("config", str(resolved))
+    resolved = json.dumps(config_to_dict(cfg), separators=(",", ":"))
+    monitor.text("config", resolved)
     print0(f"codir-ds: config {resolved}")
     print0(f"codir-ds: {stage.summary}, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"))

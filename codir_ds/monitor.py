@@ -16,7 +16,7 @@ LOSS_TERMS = ("total", "mlm", "ce", "kd", "codir", "mse", "mse_tokens", "cosine"
 
 
 class Monitor:
-    """Every `every` steps: averages the step's values over ranks (the only host sync of a step), adds
+    """Every `every` steps: averages the step's values over ranks (the only host sync of a step besides the stop check), adds
     throughput, writes TensorBoard scalars and prints one line (no carriage returns: fit for SLURM logs)."""
 
     def __init__(self, log_dir: Path, total_steps: int, start_step: int, every: int):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import any_rank, print0, rank, world_size
+from .distributed import print0, rank0_first, world_size
 from .errors import CodirError, error_line
 
 UNIVERSAL_SUFFIX = "_universal"
@@ -133,14 +133,7 @@ def elastic_ds_config(checkpoint_dir: Path, resume, ds_config: dict) -> dict:
     learns whether that worked) and `resume.universal_tag` names it; returns the DeepSpeed config to build with."""
     if checkpoint_zero_stage(Path(checkpoint_dir) / resume.tag) == 0:
         return ds_config  # unpartitioned state: DeepSpeed loads it on any world size
-    failure = None
-    if rank() == 0:
-        print0(f"codir-ds: {resume.tag} was written by {resume.world} ranks, this run has {world_size()}: converting it to a universal checkpoint")
-        try:
-            convert_to_universal(Path(checkpoint_dir), resume.tag)
-        except CodirError as err:
-            failure = err
-    if any_rank(failure is not None, torch.device("cpu")):
-        raise failure or CodirError(f"universal checkpoint: rank 0 could not convert {resume.tag}")
+    print0(f"codir-ds: {resume.tag} was written by {resume.world} ranks, this run has {world_size()}: converting it to a universal checkpoint")
+    rank0_first(lambda: convert_to_universal(Path(checkpoint_dir), resume.tag))
     resume.universal_tag = universal_tag(resume.tag)
     return universal_ds_config(ds_config)

@@ -2,7 +2,7 @@
 # Stage-2 demo: finetune the MiniLM-L6 teacher on Rotten Tomatoes reviews (fresh vs rotten), then distil it
 # into the stage-1 demo's 3-layer student with CE + KD + CoDIR (label-aware memory-bank negatives), on 2
 # ranks. Runs the stage-1 demo first if its student is missing. Prints teacher vs student dev accuracy,
-# size and inference speed. Extra arguments override the distillation config (e.g. --loss.codir=0.5).
+# size and inference speed. Extra arguments override the distillation config (e.g. --loss.beta=0.5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f runs/demo/student/config.json ] || bash scripts/demo.sh

@@ -337,13 +337,12 @@ def _rank_state(run: FinetuneRun) -> dict:
     }
 
 
-def _restore(run: FinetuneRun, state: dict) -> int:
+def _restore(run: FinetuneRun, state: dict) -> None:
     run.batches.load_state_dict(state["batches"])
     if run.queue is not None and state["queue"] is not None:
         run.queue.load_state_dict(state["queue"])
     run.sampler.set_state(state["sampler"])
     run.best, run.evals = state["best"], state["evals"]
-    return state["step"]
 
 
 def _export(run: FinetuneRun, name: str) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..distributed import barrier, rank
+from ..distributed import rank0_first
 from ..errors import CodirError
 from .config import DataConfig
 from .prepare import prepare_corpus, tokenizer_hash
@@ -133,18 +133,20 @@ def training_corpus(cfg: DataConfig, tokenizer, run_folder: Path) -> PreparedCor
     """The prepared corpus a run reads: `data.prepared`, or `data.files` / `data.dataset` prepared into
     `<run_folder>/prepared` (by rank 0, once; a later start reuses it), checked against the teacher's tokenizer."""
     folder = cfg.prepared or str(run_folder / "prepared")
-    if not cfg.prepared and rank() == 0:
-        prepare_corpus(
-            cfg.files or [cfg.dataset],
-            tokenizer.name_or_path,
-            folder,
-            cfg.max_seq_length,
-            cfg.text_column,
-            cfg.prepare_processes,
-            dataset_config=cfg.dataset_config,
-            split=cfg.split,
+    if not cfg.prepared:  # for small corpora: the other ranks wait for rank 0 (train.comm_timeout_minutes at most)
+        sources = cfg.files or [cfg.dataset]
+        rank0_first(
+            lambda: prepare_corpus(
+                sources,
+                tokenizer.name_or_path,
+                folder,
+                cfg.max_seq_length,
+                cfg.text_column,
+                cfg.prepare_processes,
+                dataset_config=cfg.dataset_config,
+                split=cfg.split,
+            )
         )
-    barrier()
     corpus = PreparedCorpus(folder)
     corpus.check_tokenizer(tokenizer)
     if corpus.block_length != cfg.max_seq_length - 2:

@@ -311,7 +311,7 @@ def _is_current(part: Path, fingerprint: str, overwrite: bool) -> bool:
     if json.loads((part / "meta.json").read_text()).get("fingerprint") != fingerprint:
         raise CodirError(
             f"prepare: {part} was prepared from other inputs (corpus, tokenizer, max_seq_length, "
-            "text_column or shard); pass --overwrite=true to replace it"
+            "text_column or shard); pass --overwrite=true to codir-ds prepare, or delete that folder, to prepare it again"
         )
     return True
 

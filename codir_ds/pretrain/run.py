@@ -143,6 +143,8 @@ def _rank_state(run: PretrainRun) -> dict:
 
 def _restore(run: PretrainRun, state: dict) -> None:
     saved = state["data"]
+    if "consumed_samples" not in saved:
+        raise CodirError("checkpoint: written by an earlier codir-ds (no data.consumed_samples); export it and start a new run from the export")
     if saved["global_batch"] != run.global_batch:
         raise CodirError(
             f"checkpoint: written with a global batch of {saved['global_batch']} samples, this run has "
