@@ -15,7 +15,7 @@ from typing import Any, Literal
 import fire
 
 from .config import config_help, type_name
-from .errors import CodirError
+from .errors import CodirError, error_line
 from .finetune.config import FinetuneConfig
 from .pretrain.config import PretrainConfig
 
@@ -31,8 +31,9 @@ def pretrain(config: str | None = None, local_rank: int | None = None, **overrid
     from .distributed import shutdown
     from .pretrain.run import run_pretraining
 
-    run_pretraining(load_config(PretrainConfig, config, overrides))
+    run = run_pretraining(load_config(PretrainConfig, config, overrides))
     shutdown()
+    _exit_if_stopped(run.stopped)
 
 
 def finetune(command: Literal["distill", "teacher"] = "distill", config: str | None = None, local_rank: int | None = None, **overrides: Any) -> None:
@@ -52,8 +53,17 @@ def finetune(command: Literal["distill", "teacher"] = "distill", config: str | N
     if command == "teacher":  # the student section does not apply: the teacher itself is trained
         cfg = teacher_training_config(cfg)
     cfg.validate()
-    run_finetuning(cfg, export_name="teacher" if command == "teacher" else "student")
+    run = run_finetuning(cfg, export_name="teacher" if command == "teacher" else "student")
     shutdown()
+    _exit_if_stopped(run.stopped)
+
+
+def _exit_if_stopped(stopped: bool) -> None:
+    """A run stopped before train.max_steps exits with EXIT_STOPPED: not done, resumable (requeue, not failure)."""
+    from .preemption import EXIT_STOPPED
+
+    if stopped:
+        sys.exit(EXIT_STOPPED)
 
 
 def prepare(
@@ -79,11 +89,13 @@ def prepare(
     prepare_corpus(list(sources), tokenizer, out, max_seq_length, text_column, num_proc, str(shard), dataset_config, split, overwrite)
 
 
-def export(checkpoint_dir: str, out_dir: str, tag: str | None = None) -> None:
-    """Write the student of a codir-ds checkpoint folder (latest tag by default) as a Hugging Face folder."""
+def export(checkpoint_dir: str, out_dir: str, tag: str | None = None, overwrite: bool = False) -> None:
+    """Write the student of a codir-ds checkpoint folder (latest tag by default) as a Hugging Face folder.
+
+    OUT_DIR must be new or empty; `--overwrite=true` replaces it whole."""
     from .export import export_student
 
-    print(f"codir-ds: exported student to {export_student(checkpoint_dir, out_dir, tag)}")
+    print(f"codir-ds: exported student to {export_student(checkpoint_dir, out_dir, tag, overwrite)}")
 
 
 def demo(out_dir: str = "runs/demo", max_steps: int = 120) -> None:
@@ -160,6 +172,12 @@ def run_command(command: Callable | dict[str, Callable], argv: list[str] | None 
     except CodirError as err:
         print(f"codir-ds: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as err:  # a full disk, a folder without write permission: the system's words and the path
+        print(f"codir-ds: error: {err.strerror or type(err).__name__}: {err.filename or error_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        print("codir-ds: aborted (second Ctrl-C): the steps since the last checkpoint are lost", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import difflib
 import inspect
 import io
 import json
+import math
 import textwrap
 import tokenize
 import types
@@ -55,6 +56,7 @@ class TrainConfig:
     warmup_steps: int = 0  # learning-rate warm-up steps of the DeepSpeed scheduler
     max_steps: int = 1000  # optimizer steps of the run
     seed: int = 42  # seed of initialisation, data order and masking
+    gradient_clipping: float = 1.0  # clip the gradient norm to this (0 = no clipping)
     comm_timeout_minutes: float = 30.0  # a collective waiting longer (a dead rank or node) fails the run
 
 
@@ -78,6 +80,7 @@ class CheckpointConfig:
 class OutputConfig:
     dir: str = "runs/codir"  # run folder: config, logs, checkpoints and the exported student
     export: bool = True  # export the student as a Hugging Face folder at the end of the run
+    overwrite: bool = False  # start fresh over another run's checkpoints: they are moved aside to <name>.old-<time>, not deleted
 
 
 class RunPaths:
@@ -126,6 +129,7 @@ def validate_run(train: TrainConfig, logging: LoggingConfig, checkpoint: Checkpo
     positive(train.lr, "train.lr")
     positive(train.comm_timeout_minutes, "train.comm_timeout_minutes")
     at_least(train.warmup_steps, 0, "train.warmup_steps")
+    at_least(train.gradient_clipping, 0, "train.gradient_clipping")
     at_least(logging.every, 1, "logging.every")
     at_least(checkpoint.every, 0, "checkpoint.every")
     at_least(checkpoint.keep, 1, "checkpoint.keep")
@@ -147,6 +151,7 @@ def positive(value: float, key: str) -> None:
 
 
 C = typing.TypeVar("C")
+BOOLEAN_WORDS = {"true": True, "false": False, "yes": True, "no": False}
 
 
 def load_config(cls: type[C], path: str | None = None, overrides: dict[str, Any] | None = None, validate: bool = True) -> C:
@@ -299,7 +304,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise CodirError(f"{key}: expected a list, got {value!r}")
         return [_coerce(item, args[0], key) for item in value]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is bool and isinstance(value, str) and value.lower() in BOOLEAN_WORDS:  # fire keeps `--x=true` a string
+        return BOOLEAN_WORDS[value.lower()]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise CodirError(f"{key}: {value} is not a finite number")
         return float(value)
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # fire parses `--checkpoint.resume=500` as an int

@@ -90,6 +90,15 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_ranks(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise: True where `flags` (a bool tensor) is True on every rank; on the CPU."""
+    values = flags.float()
+    if world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values.cpu().bool()
+
+
+@torch.no_grad()
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is True on at least one."""
     value = torch.tensor([float(flag)], device=device)

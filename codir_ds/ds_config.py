@@ -22,29 +22,32 @@ def load_ds_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         raise CodirError(f"train.deepspeed_config: {path} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise CodirError(f"train.deepspeed_config: {path} must hold a JSON object")
-    auto = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
-        "optimizer.params.lr": train.lr,
-        "scheduler.params.warmup_max_lr": train.lr,
-        "scheduler.params.warmup_num_steps": max(1, train.warmup_steps),  # DeepSpeed rejects 0
-        "scheduler.params.total_num_steps": train.max_steps,
-        "gradient_clipping": 1.0,
+    auto = {  # DeepSpeed key: (run-config key, value)
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", train.micro_batch_size),
+        "gradient_accumulation_steps": ("train.gradient_accumulation_steps", train.gradient_accumulation_steps),
+        "train_batch_size": (
+            "train.micro_batch_size x train.gradient_accumulation_steps x ranks",
+            train.micro_batch_size * train.gradient_accumulation_steps * world_size,
+        ),
+        "optimizer.params.lr": ("train.lr", train.lr),
+        "scheduler.params.warmup_max_lr": ("train.lr", train.lr),
+        "scheduler.params.warmup_num_steps": ("train.warmup_steps", max(1, train.warmup_steps)),  # DeepSpeed rejects 0
+        "scheduler.params.total_num_steps": ("train.max_steps", train.max_steps),
+        "gradient_clipping": ("train.gradient_clipping", train.gradient_clipping),
     }
-    for key, value in auto.items():
-        _fill(config, key, value)
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-        config.setdefault(key, auto[key])
+    for dotted, (key, value) in auto.items():
+        given = _fill(config, dotted, value)
+        if given is not None and given != "auto" and given != value and not (dotted.endswith("warmup_num_steps") and given == train.warmup_steps):
+            raise CodirError(
+                f"train.deepspeed_config: {path} sets {dotted} to {given!r} but the run config has {key} = {value!r}; "
+                f'write "auto" there (codir-ds fills it from the run config) or set the run config instead'
+            )
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
+        config.setdefault(key, auto[key][1])
     _reject_leftover_auto(config, str(path), "")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise CodirError(f"train.deepspeed_config: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
-    if config["train_batch_size"] != auto["train_batch_size"] or config["train_micro_batch_size_per_gpu"] != train.micro_batch_size:
-        raise CodirError(
-            f"train.deepspeed_config: batch sizes in {path} disagree with the run config "
-            f'(train.micro_batch_size={train.micro_batch_size}); write them as "auto"'
-        )
     return config
 
 
@@ -58,15 +61,18 @@ def teacher_ds_config(student_config: dict[str, Any], partition: bool) -> dict[s
     return config
 
 
-def _fill(config: dict, dotted: str, value: Any) -> None:
+def _fill(config: dict, dotted: str, value: Any) -> Any:
+    """Replace an "auto" at `dotted` with `value`; return what the file gave there (None when absent)."""
     *parents, leaf = dotted.split(".")
     node = config
     for part in parents:
         node = node.get(part)
         if not isinstance(node, dict):
-            return
-    if node.get(leaf) == "auto":
+            return None
+    given = node.get(leaf)
+    if given == "auto":
         node[leaf] = value
+    return given
 
 
 def _reject_leftover_auto(node: Any, path: str, prefix: str) -> None:

@@ -1,9 +1,11 @@
-"""Export: consolidate a (ZeRO-sharded) checkpoint into a plain Hugging Face student folder."""
+"""Export: consolidate a (ZeRO-sharded) checkpoint into a plain Hugging Face student folder, written into a
+temporary folder and renamed into place, readable per the umask."""
 
 from __future__ import annotations
 
 import copy
 import glob
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +18,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .checkpoint import LATEST
+from . import files
+from .checkpoint import LATEST, TAG, latest_tag
 from .errors import CodirError, error_line
 
 STUDENT_SPEC = "student_spec"  # folder beside the checkpoints: the student's config.json and tokenizer
@@ -32,13 +35,18 @@ def save_student_spec(directory: Path, student: PreTrainedModel, tokenizer) -> N
     tokenizer.save_pretrained(spec)
 
 
-def export_student(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    """Write the student (no projection heads) as safetensors + config + tokenizer into `out_dir`."""
+def export_student(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | None = None, overwrite: bool = False) -> Path:
+    """Write the student (no projection heads) as safetensors + config + tokenizer into `out_dir`, which must not
+    exist or be empty unless `overwrite` (then it is replaced whole, atomically)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     spec = checkpoint_dir / STUDENT_SPEC
     if not spec.is_dir():
         raise CodirError(f"export: {checkpoint_dir} is not a codir-ds checkpoint folder (no {STUDENT_SPEC}/)")
-    tag = tag or _latest(checkpoint_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CodirError(f"export: {out_dir} is a file; name a folder to write the student into")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CodirError(f"export: {out_dir} is not empty; name a new folder, or pass --overwrite=true to replace it")
+    tag = _tag(checkpoint_dir, tag)
     state = _consolidated_state(checkpoint_dir, tag)
     student_state = {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
     config = AutoConfig.from_pretrained(spec)
@@ -50,16 +58,25 @@ def export_student(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | N
         raise CodirError(
             f"export: checkpoint {checkpoint_dir / tag} does not match its student config: {error_line(err, index=1, limit=200)}"
         ) from None
-    model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(spec).save_pretrained(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.with_name(out_dir.name + files.PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    AutoTokenizer.from_pretrained(spec).save_pretrained(partial)
+    files.readable_per_umask(partial)
+    files.publish(partial, out_dir)
     return out_dir
 
 
-def _latest(checkpoint_dir: Path) -> str:
-    latest = checkpoint_dir / LATEST
-    if not latest.is_file():
-        raise CodirError(f"export: no checkpoint in {checkpoint_dir} (no '{LATEST}' file)")
-    return latest.read_text().strip()
+def _tag(checkpoint_dir: Path, tag: str | None) -> str:
+    """The checkpoint to export: `tag`, or the one `latest` names; a name inside `checkpoint_dir`, nothing else."""
+    if tag is None:
+        tag = latest_tag(checkpoint_dir)
+        if tag is None:
+            raise CodirError(f"export: no checkpoint in {checkpoint_dir} (no '{LATEST}' file)")
+    if not TAG.fullmatch(tag):
+        raise CodirError(f"export: {tag[:40]!r} is not a checkpoint name (a folder of {checkpoint_dir}, e.g. step_500)")
+    return tag
 
 
 def _consolidated_state(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -70,6 +87,6 @@ def _consolidated_state(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tenso
         if glob.glob(str(folder / "*optim_states.pt")):  # ZeRO 1-3 (or bf16) shards: gather fp32 master weights
             return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
         model_file = folder / "mp_rank_00_model_states.pt"
-        return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        return torch.load(model_file, map_location="cpu", weights_only=True)["module"]
     except Exception as err:
         raise CodirError(f"export: corrupt checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}") from None

@@ -1,4 +1,4 @@
-"""The one training loop both stages run: resume -> announce -> micro-steps -> step end -> checkpoint/stop.
+"""The one training loop both stages run: resume -> announce -> micro-steps -> finite? -> step end -> checkpoint/stop.
 
 A stage brings a `Stage`: its micro-step (one forward/backward/step returning detached loss tensors),
 the state its checkpoints carry beside DeepSpeed's, its extra scalars and an after-step hook (stage 2
@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Resume, load_checkpoint, save_checkpoint
+from .checkpoint import Resume, latest_tag, load_checkpoint, save_checkpoint
 from .config import config_to_dict
-from .distributed import print0, rank, world_size
+from .distributed import all_ranks, print0, rank, world_size
+from .errors import CodirError
 from .export import save_student_spec
+from .losses import CONTRASTIVE_STATS
 from .monitor import Monitor, average_terms
 from .preemption import StopRequest, end_of_step
 
@@ -42,6 +44,7 @@ class TrainResult:
 
     done: int
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False  # stopped on request before its last step (checkpointed)
 
 
 def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_after: int | None = None) -> TrainResult:
@@ -57,6 +60,8 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
         save_student_spec(checkpoints, engine.module.student, tokenizer)
     monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every)
     _announce(cfg, stage, tag, monitor)
+    if start >= cfg.train.max_steps:
+        print0(f"codir-ds: nothing to train: {tag} is at step {start}, train.max_steps is {cfg.train.max_steps}; raise it to train on")
 
     accumulation = cfg.train.gradient_accumulation_steps
     samples = cfg.train.micro_batch_size * accumulation * world_size()
@@ -64,6 +69,7 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
     result, stop = TrainResult(start), StopRequest(cfg.stop_file)
     for step in range(start + 1, last + 1):
         terms = average_terms([stage.micro_step() for _ in range(accumulation)])  # tensors: no host sync here
+        _require_finite(terms, step, checkpoints)
         logged = monitor.step(step, samples, samples * stage.tokens_per_sample, terms, stage.scalars)
         if logged:
             result.history.append(logged)
@@ -77,6 +83,7 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
             engine.device,
             lambda: save_checkpoint(engine, checkpoints, step, stage.rank_state(), cfg.checkpoint.keep),
         ):
+            result.stopped = step < cfg.train.max_steps
             break
     stop.close()
     monitor.close()
@@ -88,3 +95,20 @@ def _announce(cfg, stage: Stage, resumed_from: str | None, monitor: Monitor) -> 
     monitor.text("config", resolved)
     print0(f"codir-ds: config {resolved}")
     print0(f"codir-ds: {stage.summary}, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"))
+
+
+def _require_finite(terms: dict[str, torch.Tensor], step: int, checkpoints) -> None:
+    """Stop the run (every rank) at the first step whose loss is not finite, before it is checkpointed."""
+    losses = [name for name in terms if name not in CONTRASTIVE_STATS]
+    finite = all_ranks(torch.stack([torch.isfinite(terms[name]) for name in losses]))
+    if not bool(finite.all()):
+        bad = losses[int((~finite).nonzero()[0])]
+        latest = latest_tag(checkpoints)
+        raise CodirError(
+            f"step {step}: loss/{bad} is {float(terms[bad]):.4g} on at least one rank, the run stops; "
+            + (
+                f"'latest' still names {latest}, the last good checkpoint: resume from it after lowering train.lr or fixing the data"
+                if latest
+                else "no checkpoint was written"
+            )
+        )

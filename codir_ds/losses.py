@@ -35,23 +35,31 @@ def contrastive_logits(
     temperature: float,
     anchor_labels: torch.Tensor | None = None,
     candidate_labels: torch.Tensor | None = None,
+    anchor_ids: torch.Tensor | None = None,
+    candidate_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Similarities / temperature of each anchor to every candidate [batch, candidates].
 
-    Candidate `positive_index[i]` is anchor i's positive; all others are negatives. With labels,
-    negatives sharing the anchor's label are masked out (-inf), as CoDIR's label-aware finetuning asks.
+    Candidate `positive_index[i]` is anchor i's positive; all others are negatives. With labels, negatives
+    sharing the anchor's label are masked out (-inf), as CoDIR's label-aware finetuning asks; with example ids,
+    so are other copies of the anchor's own example (queued in an earlier epoch).
     """
     logits = anchors @ candidates.T / temperature
+    masked = torch.zeros_like(logits, dtype=torch.bool)
     if anchor_labels is not None and candidate_labels is not None:
-        same_label = anchor_labels.unsqueeze(1) == candidate_labels.unsqueeze(0)
-        same_label[torch.arange(len(anchors), device=anchors.device), positive_index] = False
-        logits = logits.masked_fill(same_label, float("-inf"))
-    return logits
+        masked |= anchor_labels.unsqueeze(1) == candidate_labels.unsqueeze(0)
+    if anchor_ids is not None and candidate_ids is not None:
+        masked |= anchor_ids.unsqueeze(1) == candidate_ids.unsqueeze(0)
+    masked[torch.arange(len(anchors), device=anchors.device), positive_index] = False
+    return logits.masked_fill(masked, float("-inf"))
 
 
 def info_nce(logits: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor:
     """Mean of -log(exp(pos) / sum(exp(all unmasked candidates))) over the batch."""
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), positive_index)
+
+
+CONTRASTIVE_STATS = ("top1_accuracy", "positive_similarity", "negative_similarity")  # what `contrastive_stats` returns
 
 
 @torch.no_grad()

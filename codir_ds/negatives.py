@@ -1,4 +1,4 @@
-"""The negative queue: a fixed-length FIFO of pre-projection teacher features (and labels)."""
+"""The negative queue: a fixed-length FIFO of pre-projection teacher features (with labels and example ids)."""
 
 from __future__ import annotations
 
@@ -21,40 +21,43 @@ class NegativeQueue:
         self.length = length
         self.features = torch.zeros(length, dim, device=device, dtype=dtype)
         self.labels = torch.full((length,), -1, dtype=torch.long, device=device)
+        self.ids = torch.full((length,), -1, dtype=torch.long, device=device)  # the example each row came from
         self.pointer = 0  # next row to overwrite
         self.filled = 0
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Append rows in order, dropping the oldest; more rows than K keeps only the last K."""
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> None:
+        """Append rows in order, dropping the oldest; more rows than K keeps only the last K. Labels and example
+        ids default to -1 (none)."""
         if self.length == 0 or len(features) == 0:
             return
-        if labels is None:
-            labels = torch.full((len(features),), -1, dtype=torch.long, device=features.device)
-        features, labels = features[-self.length :], labels[-self.length :]
+        none = torch.full((len(features),), -1, dtype=torch.long, device=features.device)
+        labels, ids = none if labels is None else labels, none if ids is None else ids
+        features, labels, ids = features[-self.length :], labels[-self.length :], ids[-self.length :]
         rows = (self.pointer + torch.arange(len(features), device=self.features.device)) % self.length
         self.features[rows] = features.to(self.features)
         self.labels[rows] = labels.to(self.labels)
+        self.ids[rows] = ids.to(self.ids)
         self.pointer = (self.pointer + len(features)) % self.length
         self.filled = min(self.length, self.filled + len(features))
 
-    def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored (features, labels) in storage order, without a copy: what the loss needs."""
-        return self.features[: self.filled], self.labels[: self.filled]
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stored (features, labels, ids) in storage order, without a copy: what the loss needs."""
+        return self.features[: self.filled], self.labels[: self.filled], self.ids[: self.filled]
 
-    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored (features, labels), oldest first."""
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stored (features, labels, ids), oldest first."""
         if self.filled < self.length:
-            return self.features[: self.filled], self.labels[: self.filled]
+            return self.valid()
         order = torch.roll(torch.arange(self.length, device=self.features.device), -self.pointer)
-        return self.features[order], self.labels[order]
+        return self.features[order], self.labels[order], self.ids[order]
 
     @property
     def fill_fraction(self) -> float:
         return self.filled / self.length if self.length else 1.0
 
     def state_dict(self) -> dict:
-        return {"features": self.features.cpu(), "labels": self.labels.cpu(), "pointer": self.pointer, "filled": self.filled}
+        return {"features": self.features.cpu(), "labels": self.labels.cpu(), "ids": self.ids.cpu(), "pointer": self.pointer, "filled": self.filled}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["features"].shape) != tuple(self.features.shape):
@@ -64,4 +67,5 @@ class NegativeQueue:
             )
         self.features.copy_(state["features"])
         self.labels.copy_(state["labels"])
+        self.ids.copy_(state["ids"])
         self.pointer, self.filled = int(state["pointer"]), int(state["filled"])

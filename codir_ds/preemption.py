@@ -1,5 +1,6 @@
-"""Graceful stops: SIGUSR1/SIGTERM (SLURM's warning before a time limit or preemption) or a stop file make
-every rank stop at the same step boundary, after a checkpoint."""
+"""Graceful stops: SIGUSR1/SIGTERM (SLURM's warning before a time limit or preemption), Ctrl-C (SIGINT) or a
+stop file make every rank stop at the same step boundary, after a checkpoint; a second Ctrl-C aborts at once.
+A stopped run exits with `EXIT_STOPPED`, which the sbatch scripts take as "requeue"."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 import torch
 
 from .distributed import any_rank, print0, rank
+from .errors import CodirError
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped before train.max_steps, checkpointed; run again (requeue) to go on
+STOP_FILE_MAX_BYTES = 64  # a stop file is empty or a word (`touch STOP`, `echo stop > STOP`); anything else is not ours
 
 
 class StopRequest:
@@ -21,11 +25,11 @@ class StopRequest:
         self.stop_file = stop_file
         self.received: str | None = None  # name of the signal, or "stop file"
         self._previous = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
-        if stop_file is not None and rank() == 0:
-            stop_file.unlink(missing_ok=True)  # left by the run that was stopped: this one resumes
 
     def _note(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # a second Ctrl-C does not wait for the step boundary
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank once any rank has been asked to stop (one tiny all-reduce per step)."""
@@ -41,8 +45,28 @@ class StopRequest:
     def report(self, step: int) -> None:
         print0(
             f"codir-ds: stopped at step {step} on {self.received or 'another rank’s request'}; checkpoint step_{step} "
-            f"written; run the same command again to resume"
+            f"written; run the same command again to resume (exit code {EXIT_STOPPED})"
         )
+
+
+def clear_stop_file(path: Path) -> None:
+    """Remove the stop file a stopped run left (this run resumes it); refuse a path holding anything else."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not is_stop_file(path):
+        raise CodirError(
+            f"checkpoint.stop_file: {path} exists and is not a stop file (an empty file, or one word); codir-ds "
+            "removes its stop file at start-up, so name a path that holds nothing of yours"
+        )
+    path.unlink()
+
+
+def is_stop_file(path: Path) -> bool:
+    """A regular file that is empty or holds one word: what `touch` or a script makes to ask for a stop."""
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > STOP_FILE_MAX_BYTES:
+        return False
+    content = path.read_bytes().strip()
+    return not content or content.isalnum()
 
 
 def end_of_step(stop: StopRequest, step: int, last: int, every: int, device: torch.device, save: Callable[[], object]) -> bool:

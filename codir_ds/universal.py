@@ -2,7 +2,7 @@
 
 On a resume whose world size differs from the checkpoint's, `elastic_ds_config` has rank 0 convert the
 checkpoint (`convert_to_universal`) and gives the config to build the engine with; `checkpoint.load_checkpoint`
-then restores it with `load_universal`. codir-ds's own state (`rank_*.pt`) stays in `<dir>/<tag>`: the data
+then restores it with `load_universal`. codir-ds's own state (`rank_*.json/.safetensors`) stays in `<dir>/<tag>`: the data
 position and queue are the same on every rank, so rank 0's serves any world size.
 """
 
@@ -12,17 +12,16 @@ import argparse
 import contextlib
 import copy
 import io
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from . import files
 from .distributed import print0, rank0_first, world_size
 from .errors import CodirError, error_line
 
 UNIVERSAL_SUFFIX = "_universal"
-PARTIAL = ".partial"
 LATEST_UNIVERSAL = "latest_universal"  # written by DeepSpeed's converter next to its output folder
 SOURCE = "codir_source.txt"  # fingerprint of the converted checkpoint, to detect a stale conversion
 
@@ -75,7 +74,7 @@ def convert_to_universal(checkpoint_dir: Path, tag: str, workers: int = 1) -> st
             f"universal checkpoint: {source} was written without ZeRO (stage 0); "
             "DeepSpeed converts only ZeRO stage 1-3 checkpoints (stage 0 loads on any world size as is)"
         )
-    partial = checkpoint_dir / f"{target_tag}{PARTIAL}"
+    partial = checkpoint_dir / f"{target_tag}{files.PARTIAL}"
     if partial.exists():
         shutil.rmtree(partial)
     latest = checkpoint_dir / LATEST_UNIVERSAL
@@ -106,7 +105,7 @@ def convert_to_universal(checkpoint_dir: Path, tag: str, workers: int = 1) -> st
         else:
             latest.write_text(previous_latest)
     (partial / SOURCE).write_text(fingerprint)
-    os.replace(partial, final)
+    files.publish(partial, final)
     return target_tag
 
 

@@ -42,8 +42,11 @@ while true; do  # a trapped signal interrupts `wait`; keep waiting for srun itse
   kill -0 "$SRUN" 2>/dev/null || break
 done
 echo "codir-ds/slurm: ranks finished with status $status"
-if [ "$REQUEUE" = 1 ] && [ "$status" = 0 ]; then
-  echo "codir-ds/slurm: requeueing job $SLURM_JOB_ID; it resumes from the checkpoint it just wrote"
-  scontrol requeue "$SLURM_JOB_ID"
+if [ "$status" = 75 ]; then  # codir-ds's EXIT_STOPPED: checkpointed before train.max_steps, not a failure
+  if [ "$REQUEUE" = 1 ]; then  # the time limit's warning; a preempted --requeue job is requeued by SLURM itself
+    echo "codir-ds/slurm: requeueing job $SLURM_JOB_ID; it resumes from the checkpoint it just wrote"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  exit 0
 fi
 exit "$status"

@@ -13,6 +13,7 @@ from transformers import AutoConfig
 from codir_ds.config import load_config
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import run_finetuning, teacher_training_config
+from codir_ds.state_files import save_state
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_stage2_refuses_to_resume_on_another_world_size_before_any_work(tmp_path
     checkpoint = tmp_path / "out/checkpoints/step_2"
     checkpoint.mkdir(parents=True)
     for r in range(2):  # as two ranks leave it
-        (checkpoint / f"rank_{r}.pt").write_bytes(b"")
+        save_state({"step": 2}, checkpoint / f"rank_{r}")
     (checkpoint.parent / "latest").write_text("step_2")
     assert one_line_error(finetune(path)) == (
         f"checkpoint {checkpoint} was written by 2 ranks, this run has 1: resume with 2 ranks, or export it and start "

@@ -27,13 +27,14 @@ def test_fifo_order_and_wraparound_with_uneven_batches():
     assert sorted(queue.valid()[0][:, 0].tolist()) == [10, 11, 12, 13, 14]
 
 
-def test_labels_travel_with_features():
+def test_labels_and_example_ids_travel_with_features():
     queue = NegativeQueue(length=4, dim=3)
-    queue.enqueue(rows(0, 3), torch.tensor([7, 8, 9]))
+    queue.enqueue(rows(0, 3), torch.tensor([7, 8, 9]), torch.tensor([30, 31, 32]))
     queue.enqueue(rows(3, 2), torch.tensor([1, 2]))
-    features, labels = queue.contents()
+    features, labels, ids = queue.contents()
     assert features[:, 0].tolist() == [1, 2, 3, 4]
     assert labels.tolist() == [8, 9, 1, 2]
+    assert ids.tolist() == [31, 32, -1, -1]
 
 
 def test_state_round_trip_and_shape_check():

@@ -1,4 +1,5 @@
-"""Stop requests: SIGUSR1/SIGTERM and the stop file are noticed at a step boundary; handlers are given back."""
+"""Stop requests: SIGUSR1/SIGTERM/SIGINT and the stop file are noticed at a step boundary; a second Ctrl-C aborts;
+handlers are given back; only a stop file is ever removed."""
 
 import os
 import signal
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 from codir_ds.distributed import init_distributed
-from codir_ds.preemption import StopRequest, checkpoint_due
+from codir_ds.errors import CodirError
+from codir_ds.preemption import StopRequest, checkpoint_due, clear_stop_file
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_is_noted_not_fatal(sig):
     init_distributed()
     before = signal.getsignal(sig)
@@ -23,17 +25,37 @@ def test_a_stop_signal_is_noted_not_fatal(sig):
     assert signal.getsignal(sig) == before
 
 
+def test_a_second_ctrl_c_aborts_at_once():
+    init_distributed()
+    stop = StopRequest(stop_file=None)
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    stop.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_the_stop_file_of_a_previous_run_is_cleared_and_a_new_one_is_seen(tmp_path):
     init_distributed()
     stop_file = tmp_path / "STOP"
-    stop_file.touch()  # left by the stopped run this one resumes
-    stop = StopRequest(stop_file)
+    stop_file.write_text("stop\n")  # left by the stopped run this one resumes
+    clear_stop_file(stop_file)
     assert not stop_file.exists()
+    stop = StopRequest(stop_file)
     assert not stop.agreed(torch.device("cpu"))
     stop_file.touch()
     assert stop.agreed(torch.device("cpu"))
     assert stop.received == f"stop file {stop_file}"
     stop.close()
+
+
+@pytest.mark.parametrize("content", [b"model weights " * 10, b"\x00\x01"])
+def test_a_file_that_is_not_a_stop_file_is_never_removed(tmp_path, content):
+    precious = tmp_path / "notes.bin"
+    precious.write_bytes(content)
+    with pytest.raises(CodirError, match="is not a stop file"):
+        clear_stop_file(precious)
+    assert precious.read_bytes() == content
 
 
 def test_checkpoint_is_due_at_the_end_periodically_and_on_stop():

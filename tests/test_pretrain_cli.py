@@ -68,13 +68,13 @@ def test_missing_crashed_and_corrupt_checkpoints(config, tmp_path):
 
     debris = checkpoints / "step_5.partial"  # what a crash in the middle of a save leaves behind
     debris.mkdir()
-    (debris / "rank_0.pt").write_bytes(b"half a file")
+    (debris / "rank_0.json").write_bytes(b"half a file")
     second = pretrain(config, "--train.max_steps=4", "--output.export=False")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step_3" in second.stdout
     assert (checkpoints / "latest").read_text() == "step_4"
 
-    rank_state = checkpoints / "step_4/rank_0.pt"
+    rank_state = checkpoints / "step_4/rank_0.safetensors"
     rank_state.write_bytes(rank_state.read_bytes()[:100])  # truncated on disk
     message = one_line_error(pretrain(config, "--train.max_steps=5"))
     assert message.startswith(f"corrupt checkpoint {checkpoints / 'step_4'}")

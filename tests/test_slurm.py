@@ -12,6 +12,8 @@ import pytest
 import torch
 from helpers import REPO, child_env, write_corpus, write_run_config
 
+from codir_ds.state_files import load_state
+
 pytestmark = pytest.mark.multirank
 STANDIN = REPO / "tests/slurm_standin"
 JOB = 4242
@@ -70,7 +72,7 @@ def test_two_nodes_share_one_world_and_one_queue(setup):
     assert "node_rank=1" in second
     assert "world 2" in first
     assert "nnodes=2" in second
-    states = [torch.load(run_dir / f"checkpoints/step_6/rank_{r}.pt", weights_only=False) for r in (0, 1)]
+    states = [load_state(run_dir / f"checkpoints/step_6/rank_{r}") for r in (0, 1)]
     assert states[0]["queue"]["filled"] == 24
     assert torch.equal(states[0]["queue"]["features"], states[1]["queue"]["features"])  # negatives shared across nodes
     assert (run_dir / "student/model.safetensors").is_file()
@@ -86,7 +88,7 @@ def test_sigusr1_checkpoints_stops_requeues_and_the_next_job_resumes(setup, tmp_
     assert job.returncode == 0, output[-3000:]
     stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
     assert 5 <= stopped < 400
-    assert (run_dir / f"checkpoints/step_{stopped}/rank_1.pt").is_file()
+    assert (run_dir / f"checkpoints/step_{stopped}/rank_1.json").is_file()
     assert f"stopped at step {stopped} on stop file" in node_logs(run_dir)[0]
     assert not (run_dir / "student").exists()  # not finished: no export yet
     assert (tmp_path / "scontrol.log").read_text() == f"requeue {JOB}\n"

@@ -39,6 +39,7 @@ class TaskConfig:
     max_seq_length: int = 128  # tokens per example, longer ones truncated
     max_train_examples: int = 0  # 0 = all; otherwise the first N (quick runs)
     max_eval_examples: int = 0  # 0 = all; otherwise the first N of each dev file
+    drop_unlabelled: bool = False  # drop examples whose label cell is empty or NaN (a printed count) instead of stopping
 
 
 @dataclass

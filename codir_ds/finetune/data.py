@@ -13,6 +13,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..distributed import print0
 from ..errors import CodirError, error_line
 from .config import TaskConfig
 from .metrics import REGRESSION_METRICS
@@ -99,14 +100,56 @@ class TaskData:
     dev: dict[str, datasets.Dataset]
 
 
-def load_task_data(task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int, max_train: int = 0, max_eval: int = 0) -> TaskData:
-    """Read, check, label-map and tokenise every split; raises `CodirError` naming the split on bad input."""
-    raw_train = _limit(_read(task.train, task), max_train)
+def load_task_data(
+    task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int, max_train: int = 0, max_eval: int = 0, drop_unlabelled: bool = False
+) -> TaskData:
+    """Read, check, label-map and tokenise every split; raises `CodirError` naming the split on bad input
+    (missing labels, unless `drop_unlabelled`; a training set of fewer than two classes)."""
+
+    def read(source: Source, limit: int) -> datasets.Dataset:
+        return _labelled(_limit(_read(source, task), limit), task, source, drop_unlabelled)
+
+    raw_train = read(task.train, max_train)
     if task.labels == ():  # custom task without configured labels: the train set's values, sorted
-        task = _with_labels(task, tuple(sorted({str(v) for v in raw_train[task.label_column]})))
+        task = _with_labels(task, tuple(sorted({label_text(v) for v in raw_train[task.label_column]})))
     train = _prepare(raw_train, task, task.train, tokenizer, max_length)
-    dev = {source.name: _prepare(_limit(_read(source, task), max_eval), task, source, tokenizer, max_length) for source in task.dev}
+    if not task.regression and len(set(train["label"])) < 2:
+        raise CodirError(
+            f"task: every example of {task.train.file or task.train.split} has label {task.labels[train['label'][0]]!r}; "
+            f"a classifier needs at least two classes"
+        )
+    dev = {source.name: _prepare(read(source, max_eval), task, source, tokenizer, max_length) for source in task.dev}
     return TaskData(task, train, dev)
+
+
+def label_text(value: Any) -> str:
+    """A label cell as text: 1.0 (an integer column that a missing cell turned into floats) reads as "1"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def _labelled(split: datasets.Dataset, task: Task, source: Source, drop: bool) -> datasets.Dataset:
+    """The split without label-less rows when `drop`; otherwise a `CodirError` naming them."""
+    what = source.file or source.split
+    missing = [i for i, value in enumerate(split[task.label_column]) if _missing(value)]
+    if not missing:
+        return split
+    if not drop:
+        rows = ", ".join(str(i + 1) for i in missing[:8]) + (", ..." if len(missing) > 8 else "")
+        raise CodirError(
+            f"task: {what} has {len(missing)} example(s) without a label (example {rows}, counted from 1); "
+            f"fill them in, or pass --task.drop_unlabelled=true to leave them out"
+        )
+    print0(f"codir-ds: task: {what}: left out {len(missing)} example(s) without a label (task.drop_unlabelled)")
+    keep = sorted(set(range(len(split))) - set(missing))
+    if not keep:
+        raise CodirError(f"task: {what} has no labelled example")
+    return split.select(keep)
 
 
 def _with_labels(task: Task, labels: tuple[str, ...]) -> Task:
@@ -162,6 +205,11 @@ def _prepare(split: datasets.Dataset, task: Task, source: Source, tokenizer, max
     label_ids = _label_ids(split, task, source)
     split = split.select_columns(list(task.text_columns)).add_column("label", label_ids).add_column("idx", list(range(len(split))))
 
+    empty = {c: sum(1 for text in split[c] if not isinstance(text, str) or not text.strip()) for c in task.text_columns}
+    if any(empty.values()):
+        counts = ", ".join(f"{n} in column {c!r}" for c, n in empty.items() if n)
+        print0(f"codir-ds: task: {source.file or source.split}: empty text cells ({counts}) are read as empty texts")
+
     def tokenize(rows):
         texts = [[text if isinstance(text, str) else "" for text in rows[column]] for column in task.text_columns]
         return tokenizer(*texts, truncation=True, max_length=max_length)
@@ -182,10 +230,10 @@ def _label_ids(split: datasets.Dataset, task: Task, source: Source) -> list:
     if isinstance(feature, datasets.ClassLabel):  # hub datasets: ids already, names in the task's order
         values = [feature.names[v] if v >= 0 else "<unlabelled>" for v in values]
     index = {label: i for i, label in enumerate(task.labels)}
-    unknown = sorted({str(v) for v in values} - set(index))
+    unknown = sorted({label_text(v) for v in values} - set(index))
     if unknown:
         raise CodirError(f"task: {what} has labels {unknown[:5]} that are not among the task's labels {list(task.labels)}")
-    return [index[str(v)] for v in values]
+    return [index[label_text(v)] for v in values]
 
 
 def _is_number(value: Any) -> bool:

@@ -72,7 +72,8 @@ class ClassifierWithHeads(nn.Module):
 
         `target` is what the intermediate loss compares with, all pre-projection teacher values: for CoDIR
         either per-anchor bank negatives {`positives` [B, F], `negatives` [B, K, F]} or shared queue candidates
-        {`candidates` [C, F], `positive_index`, optional `candidate_labels` to mask same-label rows}; for `mse`
+        {`candidates` [C, F], `positive_index`, optional `candidate_labels` to mask same-label rows and `anchor_ids`,
+        `candidate_ids` to mask the anchor's own example}; for `mse`
         {`positives`}; for the token-level baselines {`states`} [B, layers, seq, dim].
         """
         out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, output_hidden_states=True)
@@ -98,7 +99,17 @@ class ClassifierWithHeads(nn.Module):
         return self.intermediate.compare(self.to_teacher_width(pooled), target["positives"].unflatten(-1, (len(self.layers), -1)))
 
     def _contrastive_logits(
-        self, hidden_states, attention_mask, labels, positives=None, negatives=None, candidates=None, positive_index=None, candidate_labels=None
+        self,
+        hidden_states,
+        attention_mask,
+        labels,
+        positives=None,
+        negatives=None,
+        candidates=None,
+        positive_index=None,
+        candidate_labels=None,
+        anchor_ids=None,
+        candidate_ids=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         anchors = self.heads.project_student(layer_features(hidden_states, self.layers, attention_mask, self.pooling))
         if negatives is not None:
@@ -107,6 +118,8 @@ class ClassifierWithHeads(nn.Module):
             )
             return logits, torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
         anchor_labels = None if candidate_labels is None else labels
-        return contrastive_logits(
-            anchors, self.heads.project_teacher(candidates), positive_index, self.weights.temperature, anchor_labels, candidate_labels
-        ), positive_index
+        candidates = self.heads.project_teacher(candidates)
+        logits = contrastive_logits(
+            anchors, candidates, positive_index, self.weights.temperature, anchor_labels, candidate_labels, anchor_ids, candidate_ids
+        )
+        return logits, positive_index

@@ -14,13 +14,15 @@ import gc
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import deepspeed
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
-from ..checkpoint import find_resume, save_checkpoint, seed_everything
+from .. import files
+from ..checkpoint import save_checkpoint, seed_everything
 from ..distributed import (
     all_gather_rows,
     barrier,
@@ -45,6 +47,7 @@ from ..models import (
 )
 from ..monitor import Monitor
 from ..negatives import NegativeQueue
+from ..run_folder import hold_run_folder, open_checkpoints, run_identity
 from .config import FinetuneConfig, FinetuneStudentConfig, TaskLossConfig
 from .data import (
     EpochBatches,
@@ -82,6 +85,7 @@ class FinetuneRun:
     losses: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)  # {"step", "metrics"} per evaluation
     best: dict = field(default_factory=dict)  # the best evaluation so far
+    stopped: bool = False  # stopped on request before train.max_steps
 
     @property
     def task(self) -> Task:
@@ -89,14 +93,25 @@ class FinetuneRun:
 
 
 def teacher_training_config(cfg: FinetuneConfig) -> FinetuneConfig:
-    """The config that finetunes the teacher itself on the task: CE only, starting from `teacher.path`."""
+    """The config that finetunes the teacher itself on the task: CE only, starting from `teacher.path`; its
+    checkpoints and logs go to `<output.dir>/teacher_run/`, apart from the distillation's."""
     student = FinetuneStudentConfig(init="checkpoint", checkpoint=cfg.teacher.path)
-    return dataclasses.replace(cfg, student=student, loss=TaskLossConfig(alpha=0.0, beta=0.0, kd_temperature=cfg.loss.kd_temperature))
+    run = Path(cfg.output.dir) / "teacher_run"
+    checkpoint = dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint.dir or str(run / "checkpoints"))
+    logging = dataclasses.replace(cfg.logging, tensorboard_dir=cfg.logging.tensorboard_dir or str(run / "tensorboard"))
+    loss = TaskLossConfig(alpha=0.0, beta=0.0, kd_temperature=cfg.loss.kd_temperature)
+    return dataclasses.replace(cfg, student=student, loss=loss, checkpoint=checkpoint, logging=logging)
 
 
 def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_name: str = "student") -> FinetuneRun:
-    """Train for `train.epochs` (or `train.max_steps`), evaluating on the dev split(s); export the best student."""
+    """Train for `train.epochs` (or `train.max_steps`), evaluating on the dev split(s); export the best student.
+    The run holds its output folder's lock throughout."""
     init_distributed(cfg.train.comm_timeout_minutes)
+    with hold_run_folder(Path(cfg.output.dir)):
+        return _finetune(cfg, stop_after, export_name)
+
+
+def _finetune(cfg: FinetuneConfig, stop_after: int | None, export_name: str) -> FinetuneRun:
     seed_everything(cfg.train.seed)
     task = resolve_task(cfg.task)
     plan = plan_models(cfg)  # configs and file headers only: bad paths fail before any data is read
@@ -110,9 +125,8 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
     )
     cfg = dataclasses.replace(cfg, train=train_cfg)
     ds_config = load_ds_config(cfg.train, world_size())
-    resume = find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
-    if resume:  # stage 2's data order and negative sampler are per rank: same world size only, checked before any work
-        resume.require_same_world(cfg.checkpoint_dir)
+    # stage 2's data order and negative sampler are per rank: same world size only, checked before any work
+    resume = open_checkpoints(cfg, run_identity(cfg, ds_config, {"layer_map": plan.layer_map, "task.labels": task.labels}), elastic=False)
 
     token_level = cfg.loss.beta > 0 and INTERMEDIATE_LOSSES[cfg.loss.intermediate].teacher_input == "tokens"
     teacher = build_task_teacher(cfg, plan, ds_config, with_states=token_level) if cfg.distils else None
@@ -130,7 +144,7 @@ def run_finetuning(cfg: FinetuneConfig, stop_after: int | None = None, export_na
 
     steps_per_epoch = max(1, batches.per_epoch // cfg.train.gradient_accumulation_steps)
     result = train(cfg, student, _stage(run, plan, steps_per_epoch), tokenizer, resume, stop_after)
-    run.losses = result.history
+    run.losses, run.stopped = result.history, result.stopped
     if cfg.output.export and result.done == cfg.train.max_steps:
         _export(run, export_name)
     return run
@@ -186,7 +200,7 @@ def micro_step(run: FinetuneRun) -> dict[str, torch.Tensor]:
         elif run.bank is not None:
             target = _bank_negatives(run, features, idx, labels)
         else:
-            target, enqueue = _queue_candidates(run, features, labels)
+            target, enqueue = _queue_candidates(run, features, labels, idx)
     terms, contrast = run.student(**inputs, labels=labels, teacher_logits=teacher_logits, target=target)
     run.student.backward(terms["total"])
     run.student.step()
@@ -202,20 +216,23 @@ def _bank_negatives(run: FinetuneRun, features, idx, labels) -> dict:
     return {"positives": features, "negatives": run.bank.features[rows.to(run.bank.features.device)]}
 
 
-def _queue_candidates(run: FinetuneRun, features, labels) -> tuple[dict, tuple]:
-    """Candidates: the all-gathered global batch, then the queue (same-label rows masked for classification);
-    and the rows to enqueue after the step."""
+def _queue_candidates(run: FinetuneRun, features, labels, idx) -> tuple[dict, tuple]:
+    """Candidates: the all-gathered global batch, then the queue (same-label rows masked for classification, the
+    anchor's own example always); and the rows to enqueue after the step."""
     batch_features, offset = all_gather_rows(features)
-    queued_features, queued_labels = run.queue.valid()
+    batch_ids, _ = all_gather_rows(idx)
+    queued_features, queued_labels, queued_ids = run.queue.valid()
     contrast = {
         "candidates": torch.cat([batch_features.to(queued_features.dtype), queued_features]),
         "positive_index": offset + torch.arange(len(features), device=features.device),
+        "anchor_ids": idx,
+        "candidate_ids": torch.cat([batch_ids, queued_ids]),
     }
     if run.task.regression:
-        return contrast, (batch_features, None)
+        return contrast, (batch_features, None, batch_ids)
     batch_labels, _ = all_gather_rows(labels)
     contrast["candidate_labels"] = torch.cat([batch_labels, queued_labels])
-    return contrast, (batch_features, batch_labels)
+    return contrast, (batch_features, batch_labels, batch_ids)
 
 
 @torch.no_grad()
@@ -300,7 +317,9 @@ def _load_data_rank0_first(cfg: FinetuneConfig, task: Task, tokenizer) -> TaskDa
     """Rank 0 reads and tokenises first (bad data fails once, early); the other ranks reuse its cache."""
 
     def load() -> TaskData:
-        return load_task_data(task, tokenizer, cfg.task.max_seq_length, cfg.task.max_train_examples, cfg.task.max_eval_examples)
+        return load_task_data(
+            task, tokenizer, cfg.task.max_seq_length, cfg.task.max_train_examples, cfg.task.max_eval_examples, cfg.task.drop_unlabelled
+        )
 
     data = load() if rank() == 0 else None
     barrier()
@@ -349,8 +368,8 @@ def _export(run: FinetuneRun, name: str) -> None:
     """The best-scoring student (by the first dev split's first metric) as a Hugging Face folder, with its scores."""
     out = run.cfg.export_dir.parent / name
     if rank() == 0:
-        export_student(run.cfg.checkpoint_dir, out, tag=BEST if run.best else None)
-        (out / "eval_results.json").write_text(json.dumps({"best": run.best, "history": run.evals}, indent=1))
+        export_student(run.cfg.checkpoint_dir, out, tag=BEST if run.best else None, overwrite=True)
+        files.write_text(out / "eval_results.json", json.dumps({"best": run.best, "history": run.evals}, indent=1))
         print(
             f"codir-ds: exported {name} (best {run.best.get('metric')} {run.best.get('score', float('nan')):.4f} "
             f"at step {run.best.get('step')}) to {out}",

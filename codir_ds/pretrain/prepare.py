@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from ..errors import CodirError, error_line
+from ..files import publish
 from ..models import load_tokenizer
 
 FORMAT_VERSION = 1
@@ -130,9 +131,7 @@ def prepare_corpus(
         "fingerprint": fingerprint,
     }
     (partial / "meta.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():
-        shutil.rmtree(final)  # --overwrite
-    _publish(partial, final)
+    publish(partial, final)  # replaces an earlier part (--overwrite)
 
     seconds = time.perf_counter() - start
     print(
@@ -314,22 +313,6 @@ def _is_current(part: Path, fingerprint: str, overwrite: bool) -> bool:
             "text_column or shard); pass --overwrite=true to codir-ds prepare, or delete that folder, to prepare it again"
         )
     return True
-
-
-def _publish(partial: Path, final: Path) -> None:
-    """fsync the part's files, then rename `<part>.partial` to `<part>` atomically."""
-    for path in [*partial.iterdir(), partial]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.replace(partial, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -15,7 +15,7 @@ import deepspeed
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from ..checkpoint import find_resume, seed_everything, seed_rank
+from ..checkpoint import seed_everything, seed_rank
 from ..distributed import (
     all_gather_rows,
     barrier,
@@ -32,6 +32,7 @@ from ..loop import Stage, train
 from ..losses import contrastive_stats
 from ..models import ModelPlan, build_student, load_teacher, load_tokenizer, plan_models
 from ..negatives import NegativeQueue
+from ..run_folder import hold_run_folder, open_checkpoints, run_identity
 from ..universal import elastic_ds_config
 from .config import PretrainConfig
 from .data import MicroBatches, micro_batch_loader, training_corpus
@@ -52,6 +53,7 @@ class PretrainRun:
     next_micro_batch: int = 0  # this rank's micro-batches consumed since the start of training
     batches: Iterator[dict] | None = None  # the loader, started at `next_micro_batch` on the first micro-step
     losses: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False  # stopped on request before train.max_steps
 
     @property
     def consumed_samples(self) -> int:
@@ -64,15 +66,21 @@ class PretrainRun:
 
 
 def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> PretrainRun:
-    """Train to `cfg.train.max_steps` (or stop, checkpointed, after `stop_after` steps); export at the end."""
+    """Train to `cfg.train.max_steps` (or stop, checkpointed, after `stop_after` steps); export at the end.
+    The run holds its output folder's lock throughout."""
     init_distributed(cfg.train.comm_timeout_minutes)
+    with hold_run_folder(Path(cfg.output.dir)):
+        return _pretrain(cfg, stop_after)
+
+
+def _pretrain(cfg: PretrainConfig, stop_after: int | None) -> PretrainRun:
     plan = plan_models(cfg)  # configs and file headers only: bad input fails before any weights load
     ds_config = load_ds_config(cfg.train, world_size())
     weights = loss_weights(cfg, plan)
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
     corpus = training_corpus(cfg.data, tokenizer, Path(cfg.output.dir))
-    resume = find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
+    resume = open_checkpoints(cfg, run_identity(cfg, ds_config, {"layer_map": plan.layer_map, "data.corpus": corpus.digest}), elastic=True)
     if resume and resume.elastic:
         ds_config = elastic_ds_config(cfg.checkpoint_dir, resume, ds_config)
 
@@ -87,10 +95,10 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
 
     result = train(cfg, student, _stage(run, cfg), tokenizer, resume, stop_after)
     run.batches = None  # ends the loader's workers
-    run.losses = result.history
+    run.losses, run.stopped = result.history, result.stopped
     if cfg.output.export and result.done == cfg.train.max_steps:
         if rank() == 0:
-            print(f"codir-ds: exported student to {export_student(cfg.checkpoint_dir, cfg.export_dir)}", flush=True)
+            print(f"codir-ds: exported student to {export_student(cfg.checkpoint_dir, cfg.export_dir, overwrite=True)}", flush=True)
         barrier()
     return run
 
@@ -126,7 +134,7 @@ def micro_step(run: PretrainRun) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         teacher_features, teacher_logits = run.teacher(*inputs)
     batch_features, offset = all_gather_rows(teacher_features)
-    queued_features, _ = run.queue.valid()
+    queued_features, _, _ = run.queue.valid()
     candidates = torch.cat([batch_features.to(queued_features.dtype), queued_features])
     positive_index = offset + torch.arange(len(teacher_features), device=run.student.device)
     terms, logits = run.student(*inputs, candidates, positive_index, teacher_logits)
