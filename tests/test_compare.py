@@ -1,47 +1,147 @@
-"""experiments/compare.py on tiny models: every variant and seed trains, and the table is their mean and spread."""
+"""experiments/compare.py: splits by film, selection on dev only, the paired interval, the report and the figure
+(no training, except one end-to-end run of tiny models)."""
 
 import csv
 import importlib.util
+import json
+import math
 import statistics
 
+import pytest
 from helpers import REPO, save_task_teacher, write_task
+from PIL import Image
+
+from codir_ds.demo import split_by_group, write_conventions_by_speaker, write_rotten_tomatoes_by_film
 
 spec = importlib.util.spec_from_file_location("compare", REPO / "experiments/compare.py")
 compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
 
 
-def tiny_setting(tmp_path):
-    return {
-        "task.train_file": str(write_task(tmp_path / "train.csv", 64)),
-        "task.dev_files": [str(write_task(tmp_path / "dev.csv", 20, seed=1))],
+def read_split(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize(
+    ("write", "group", "labels", "sizes"),
+    [
+        (write_rotten_tomatoes_by_film, "film", {"fresh", "rotten"}, (2000, 1000, 3000)),
+        (write_conventions_by_speaker, "speaker", {"democrat", "republican"}, (1500, 500, 800)),
+    ],
+)
+def test_embedded_splits_share_no_group_and_no_text(tmp_path, write, group, labels, sizes):
+    splits = {name: read_split(path) for name, path in write(tmp_path, *sizes).items()}
+    assert {name: len(rows) for name, rows in splits.items()} == dict(zip(("train", "dev", "test"), sizes))
+    groups = {name: {r[group] for r in rows} for name, rows in splits.items()}
+    texts = {name: {r["text"] for r in rows} for name, rows in splits.items()}
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        assert not groups[a] & groups[b], (a, b)
+        assert not texts[a] & texts[b], (a, b)
+    assert {r["label"] for rows in splits.values() for r in rows} == labels
+
+
+def test_a_text_under_two_films_is_kept_once():
+    reviews = [{"text": f"review {i}", "label": "fresh", "film": f"film {i // 2}"} for i in range(8)]
+    reviews.append({"text": "review 0", "label": "rotten", "film": "film 3"})  # a repeat under another film
+    splits = split_by_group(reviews, {"test": 2, "dev": 2, "train": 2}, "film")
+    texts = [r["text"] for rows in splits.values() for r in rows]
+    assert len(texts) == len(set(texts))
+    assert len({r["film"] for r in splits["test"]} & {r["film"] for r in splits["train"]}) == 0
+
+
+def history(dev, test):
+    return [{"step": 10 * (i + 1), "metrics": {"dev": {"accuracy": d}, "test": {"accuracy": t}}} for i, (d, t) in enumerate(zip(dev, test))]
+
+
+def test_selection_reads_dev_only():
+    dev = [0.70, 0.74, 0.74, 0.72]
+    chosen = compare.selected_scores(history(dev, [0.9, 0.1, 0.2, 0.95]), "accuracy", "dev", "test")
+    assert chosen == (20, 0.74, 0.1)  # the best dev step (the earliest of a tie), whatever test says
+    poisoned = compare.selected_scores(history(dev, [math.nan] * 4), "accuracy", "dev", "test")
+    assert poisoned[0] == chosen[0]
+    assert compare.select_checkpoint([(10, 0.5), (20, math.nan), (30, 0.6)]) == 30
+
+
+def rows_for(name, tests, devs=None, beta="", tau=""):
+    devs = devs or tests
+    return [
+        {"name": name, "description": name, "seed": s + 1, "beta": beta, "tau": tau, "k": 100 if beta != "" else "", "metric": "accuracy"}
+        | {"dev": d, "test": t, "step": 40, "steps": 125, "seconds": 60.0}
+        for s, (d, t) in enumerate(zip(devs, tests))
+    ]
+
+
+def test_paired_interval_matches_scipy_and_a_hand_computation():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [80.1, 79.4, 81.0, 80.6, 79.9], [79.0, 79.5, 80.2, 79.1, 79.6]
+    mean, low, high = compare.paired_interval(a, b)
+    differences = [x - y for x, y in zip(a, b)]  # 1.1, -0.1, 0.8, 1.5, 0.3: mean 0.72, sd 0.6261
+    assert mean == pytest.approx(0.72)
+    half = 2.7764451051977987 * statistics.stdev(differences) / math.sqrt(5)  # t(0.975, 4) from a table
+    assert (low, high) == pytest.approx((0.72 - half, 0.72 + half), abs=1e-9)
+    scipy_low, scipy_high = stats.t.interval(0.95, 4, loc=0.72, scale=stats.sem(differences))
+    assert (low, high) == pytest.approx((scipy_low, scipy_high), abs=1e-9)
+    for df in (1, 2, 3, 4, 7, 30):
+        assert compare.t_critical(0.95, df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-9)
+
+
+def test_report_and_figure_come_from_the_rows_and_again_from_the_csv(tmp_path):
+    rows = rows_for("kd", [0.80, 0.79, 0.81]) + rows_for("kd_mse", [0.805, 0.80, 0.80]) + rows_for("ce", [0.78, 0.78, 0.79])
+    for beta, shift in ((0.01, 0.002), (0.1, -0.004), (1.0, -0.02)):
+        for tau in (0.07, 0.2):
+            name = f"codir_b{beta:g}_t{tau:g}_k100"
+            rows += rows_for(name, [0.80 + shift, 0.79 + shift, 0.81 + shift], [0.7, 0.7, 0.7 + (beta == 0.1) * 0.01], beta, tau)
+    compare.write_report(rows, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| kd | 80.00 ± 1.00 | 80.00 ± 1.00 | (reference) | 3 |" in table
+    mean, low, high = compare.paired_interval([80.5, 80.0, 80.0], [80.0, 79.0, 81.0])
+    assert f"| kd_mse | 80.17 ± 0.29 | 80.17 ± 0.29 | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | 3 |" in table
+    assert "(chosen on dev only): **codir_b0.1_t0.07_k100**" in table  # best dev; its test is worse than beta 0.01's
+    with Image.open(tmp_path / compare.FIGURE) as figure:
+        assert figure.format == "PNG"
+        assert figure.size == (900, 540)
+    (tmp_path / "results.md").unlink()
+    (tmp_path / compare.FIGURE).unlink()
+    compare.report(str(tmp_path))
+    assert (tmp_path / "results.md").read_text() == table
+    assert (tmp_path / compare.FIGURE).is_file()
+
+
+def test_the_baselines_and_the_first_tau_start_first():
+    runs = [("kd", "", {})] + compare.codir_grid("0.1,1", "0.07,0.2", "100")
+    order = [(name, seed) for name, _, _, seed in compare.run_order(runs, 2)]
+    first = ["kd", "codir_b0.1_t0.07_k100", "codir_b1_t0.07_k100"]
+    assert order[:6] == [(n, 1) for n in first] + [(n, 2) for n in first]
+    assert order[6:] == [(f"codir_b{b}_t0.2_k100", s) for s in (1, 2) for b in ("0.1", "1")]
+
+
+def test_compare_trains_and_reports_dev_and_test_of_the_dev_selected_checkpoint(tmp_path):
+    setting = {
+        "task.train_file": str(write_task(tmp_path / "train.csv", 48)),
+        "task.dev_files": [str(write_task(tmp_path / "dev.csv", 16, seed=1)), str(write_task(tmp_path / "test.csv", 16, seed=2))],
         "task.labels": ["neg", "pos"],
         "teacher.path": str(save_task_teacher(tmp_path / "teacher")),
         "student.num_layers": 2,
         "task.max_seq_length": 24,
         "train.micro_batch_size": 8,
         "train.epochs": 1,
-        "eval.every": 4,
+        "eval.every": 2,
         "codir.num_negatives": 8,
         "codir.projection_dim": 16,
+        "output.export": True,
     }
+    rows = compare.compare(variants="kd", beta="0.1", tau="0.2", k="8", seeds=2, out=str(tmp_path / "out"), **setting)
+    assert [(r["name"], r["seed"]) for r in rows] == [("kd", 1), ("codir_b0.1_t0.2_k8", 1), ("kd", 2), ("codir_b0.1_t0.2_k8", 2)]
+    for row in rows:
+        history = json.loads((tmp_path / "out/runs" / f"{row['name']}_seed{row['seed']}" / "student/eval_results.json").read_text())
+        assert row["step"] == history["best"]["step"]  # the checkpoint the run kept and exported
+        assert row["test"] == next(e for e in history["history"] if e["step"] == row["step"])["metrics"]["test"]["accuracy"]
+    assert "| CE + KD + CoDIR, β 0.1, τ 0.2, K 8 |" in (tmp_path / "out/results.md").read_text()
+    assert not (tmp_path / "out/runs/kd_seed2/checkpoints").exists()  # removed after each run
 
 
-def test_compare_trains_every_variant_and_seed_and_tabulates_them(tmp_path):
-    rows = compare.compare(variants="ce,kd_mse,kd_codir", seeds=2, out=str(tmp_path / "out"), **tiny_setting(tmp_path))
-    assert [(r["name"], r["seed"]) for r in rows] == [(n, s) for s in (1, 2) for n in ("ce", "kd_mse", "kd_codir")]
-    with open(tmp_path / "out/results.csv") as handle:
-        saved = list(csv.DictReader(handle))
-    assert [float(r["score"]) for r in saved] == [r["score"] for r in rows]
-    table = (tmp_path / "out/results.md").read_text().splitlines()
-    assert len(table) == 2 + 3
-    scores = [100 * r["score"] for r in rows if r["name"] == "kd_codir"]
-    assert f"| {compare.VARIANTS['kd_codir'][0]} | {statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f} | 2 |" in table[4]
-    assert (tmp_path / "out/runs/kd_mse_seed2/tensorboard").is_dir()
-    assert not (tmp_path / "out/runs/kd_mse_seed2/checkpoints").exists()  # removed after each run
-
-
-def test_sweep_runs_the_grid(tmp_path):
-    rows = compare.sweep(beta=(0.5, 2), tau="0.1", k=4, seeds=1, out=str(tmp_path / "out"), **tiny_setting(tmp_path))
-    assert [r["name"] for r in rows] == ["beta0.5_tau0.1_k4", "beta2_tau0.1_k4"]
-    assert "CE + KD + CoDIR, beta 2, tau 0.1, K 4" in (tmp_path / "out/results.md").read_text()
+def test_convention_splits_keep_the_party_mix(tmp_path):
+    splits = {name: read_split(path) for name, path in write_conventions_by_speaker(tmp_path, 1500, 500, 800).items()}
+    shares = {name: sum(r["label"] == "democrat" for r in rows) / len(rows) for name, rows in splits.items()}
+    assert max(shares.values()) - min(shares.values()) < 0.01, shares

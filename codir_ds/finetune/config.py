@@ -65,7 +65,7 @@ class TaskLossConfig:
     RENAMED: ClassVar[dict[str, str]] = {"kd": "renamed loss.alpha (the KD mix)", "codir": "renamed loss.beta (the intermediate-loss weight)"}
     alpha: float = 0.5  # mixes logit KD into CE: (1 - alpha) * CE + alpha * T^2 * KL
     kd_temperature: float = 2.0  # T of the logit KD
-    beta: float = 1.0  # weight of the intermediate-layer loss below
+    beta: float = 0.03  # weight of the intermediate-layer loss below; 0.03: the authors' CoDIR weight at batch 32 (docs/method.md)
     intermediate: Literal["codir", "mse", "mse_tokens", "cosine"] = "codir"  # baselines: PKD pooled MSE, token MSE, cosine
 
 
