@@ -28,10 +28,12 @@ def pretrain(config: str | None = None, local_rank: int | None = None, **overrid
 
     `config`: a JSON/YAML run config of the sections below; any key can be overridden as --section.key=value."""
     from .config import load_config
+
+    cfg = load_config(PretrainConfig, config, overrides)  # a bad key fails here, before the heavy imports below
     from .distributed import shutdown
     from .pretrain.run import run_pretraining
 
-    run = run_pretraining(load_config(PretrainConfig, config, overrides))
+    run = run_pretraining(cfg)
     shutdown()
     _exit_if_stopped(run.stopped)
 
@@ -44,12 +46,13 @@ def finetune(command: Literal["distill", "teacher"] = "distill", config: str | N
     do not apply). `config`: a JSON/YAML run config of the sections below; any key can be overridden as
     --section.key=value."""
     from .config import load_config
-    from .distributed import shutdown
-    from .finetune.run import run_finetuning, teacher_training_config
 
     if command not in ("distill", "teacher"):
         raise CodirError(f"unknown finetune command {command!r}; use 'distill' (the default) or 'teacher'")
     cfg = load_config(FinetuneConfig, config, overrides, validate=False)
+    from .distributed import shutdown  # after the config: a bad key fails before these heavy imports
+    from .finetune.run import run_finetuning, teacher_training_config
+
     if command == "teacher":  # the student section does not apply: the teacher itself is trained
         cfg = teacher_training_config(cfg)
     cfg.validate()

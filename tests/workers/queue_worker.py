@@ -30,7 +30,7 @@ def main(out_dir: str, length: int = 7, steps: int = 6, local_rank: int = 0) -> 
         assert torch.equal(gathered[offset : offset + n], local)
         offsets.append(offset)
         queue.enqueue(gathered, gathered_labels)
-    features, labels = queue.contents()
+    features, labels, _ = queue.contents()
     result = {"world": world_size(), "offsets": offsets, "values": features[:, 0].tolist(), "labels": labels.tolist()}
     with open(f"{out_dir}/rank{rank()}.json", "w") as handle:
         json.dump(result, handle)
