@@ -1,0 +1,114 @@
+"""Each encoder family end to end, in one process: stage 1 with logit KD from its masked-LM teacher, a student
+initialised from teacher layers, a resume, the export loaded by plain transformers, then stage 2 from that
+export. The fixtures are tiny real models with tokenizers trained on the embedded corpus (tests/families.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from families import FAMILIES, TINY, news_corpus, save_family, save_task_teacher
+from helpers import write_run_config, write_task, write_task_config
+from safetensors import safe_open
+from transformers import AlbertConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config
+
+from codir_ds.config import load_config
+from codir_ds.errors import CodirError
+from codir_ds.finetune.config import FinetuneConfig
+from codir_ds.finetune.run import run_finetuning
+from codir_ds.models import build_student, plan_models
+from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.pretrain.run import run_pretraining
+
+
+@pytest.fixture(scope="session")
+def family_teachers(tmp_path_factory) -> dict:
+    """Every family's masked-LM teacher folder, built once per test run."""
+    root = tmp_path_factory.mktemp("families")
+    return {name: save_family(name, root / name, news_corpus()) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def news_sample(tmp_path_factory):
+    """The first 40 documents of the embedded corpus: the stage-1 training text."""
+    path = tmp_path_factory.mktemp("news") / "news.txt"
+    path.write_text("\n".join(news_corpus().read_text(errors="replace").splitlines()[:40]) + "\n")
+    return path
+
+
+def stage1_config(folder, teacher, corpus, **sections):
+    sections = {"student": {"num_layers": 2}, "loss": {"kd": 0.5}, "data": {"num_workers": 0}, "checkpoint": {"every": 2}, **sections}
+    return load_config(PretrainConfig, str(write_run_config(folder, teacher, corpus, train={"max_steps": 3}, **sections)), {})
+
+
+def assert_copied_from_teacher(name, teacher, cfg):
+    """Student layer i holds teacher layer m(i); embeddings and the masked-LM head are the teacher's."""
+    plan = plan_models(cfg)
+    assert plan.teacher_has_mlm_head
+    student = build_student(cfg.student, str(teacher), plan.student_config, plan.layer_map)
+    stored = safe_open(str(teacher / "model.safetensors"), "pt")
+    layers = plan.layout.layers
+    mapped = {f"{layers}.{i}.": f"{layers}.{m - 1}." for i, m in enumerate(plan.layer_map)}
+    checked = 0
+    for key, value in student.state_dict().items():
+        source = next((key.replace(s, t) for s, t in mapped.items() if s in key), key)
+        if source in stored.keys():
+            torch.testing.assert_close(value, stored.get_tensor(source), rtol=0, atol=0, msg=f"{name}: {key} <- {source}")
+            checked += 1
+    assert checked >= len(stored.keys()) - 2 * 16, name  # everything but two teacher layers' tensors (fewer per layer in any family)
+    assert set(plan.layout.head_tensors) <= set(stored.keys())
+    if name == "modernbert":  # each copied layer keeps the teacher layer's attention kind
+        assert plan.student_config.layer_types == [plan.teacher_config.layer_types[m - 1] for m in plan.layer_map]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_end_to_end(name, family_teachers, news_sample, tmp_path):
+    teacher = family_teachers[name]
+    cfg = stage1_config(tmp_path, teacher, news_sample)
+    assert_copied_from_teacher(name, teacher, cfg)
+
+    first = run_pretraining(cfg, stop_after=2)
+    resumed = run_pretraining(cfg)  # from the step-2 checkpoint: one more step, then the export
+    assert first.plan.layer_map == [2, 4]
+    assert [len(first.losses), len(resumed.losses)] == [2, 1]
+    for step in first.losses + resumed.losses:
+        assert {"mlm", "kd", "codir"} <= step.keys()
+        assert all(math.isfinite(step[term]) for term in ("total", "mlm", "kd", "codir")), step
+    assert resumed.losses[0]["kd"] > 0
+
+    export = tmp_path / "out/student"
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(teacher).get_vocab()
+    probe = tokenizer(["The fire spread towards Sydney.", "A second, longer sentence about the bush fires."], padding=True, return_tensors="pt")
+    exported = AutoModelForMaskedLM.from_pretrained(export).eval()
+    trained = resumed.student.module.student.eval()
+    with torch.no_grad():
+        inputs = {k: v for k, v in probe.items() if k != "token_type_ids"}
+        torch.testing.assert_close(exported(**inputs).logits, trained(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert type(exported).__name__ == type(trained).__name__
+
+    task_dir = tmp_path / "stage2"
+    train, dev = write_task(tmp_path / "train.csv", 48), write_task(tmp_path / "dev.csv", 16, seed=1)
+    task_teacher = save_task_teacher(teacher, tmp_path / "task_teacher")
+    student = {"init": "checkpoint", "checkpoint": str(export)}
+    task_cfg = load_config(FinetuneConfig, str(write_task_config(task_dir, task_teacher, train, dev, student=student, train={"max_steps": 3})), {})
+    run = run_finetuning(task_cfg)
+    assert len(run.losses) == 3
+    assert all(math.isfinite(step[term]) for step in run.losses for term in ("total", "ce", "kd", "codir"))
+    classifier = AutoModelForSequenceClassification.from_pretrained(task_dir / "out/student")
+    assert classifier.config.num_hidden_layers == 2
+    assert classifier.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_layer_init_from_a_model_that_shares_its_layers_is_refused_before_any_weights_load(news_sample, tmp_path):
+    albert = tmp_path / "albert"
+    AlbertConfig(**TINY, embedding_size=16).save_pretrained(albert)  # a config and no weights: none may be needed
+    with pytest.raises(CodirError, match=r"^student.init: teacher_layers needs one set of weights per layer, but albert .* shares its weights"):
+        plan_models(stage1_config(tmp_path, albert, news_sample))
+
+
+def test_a_model_type_without_a_masked_lm_encoder_is_one_line(tmp_path, news_sample):
+    GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(CodirError, match=r"^teacher.path: model type 'gpt2' has no masked-LM encoder in transformers"):
+        plan_models(stage1_config(tmp_path, tmp_path / "gpt2", news_sample))
