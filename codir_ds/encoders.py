@@ -28,6 +28,15 @@ class EncoderLayout:
     prefix: str  # the body's attribute (`bert`, `roberta`, `model`, ...)
     layers: str | None  # the body's per-layer module list (`encoder.layer`, `layers`); None when layers share weights
     head_tensors: tuple[str, ...]  # trained tensors of the masked-LM head (tied ones excluded)
+    max_length: int | None  # the most tokens its absolute position embeddings take; None with relative/rotary positions only
+
+
+def check_length(layout: EncoderLayout, length: int, key: str) -> None:
+    """Refuse sequences longer than the teacher's position embeddings reach."""
+    if layout.max_length is not None and length > layout.max_length:
+        raise CodirError(
+            f"{key}: {length} exceeds the {layout.max_length} positions of the {layout.model_type} teacher; set {key}={layout.max_length}"
+        )
 
 
 def encoder_layout(config: PretrainedConfig, role: str = "teacher.path") -> EncoderLayout:
@@ -41,7 +50,7 @@ def encoder_layout(config: PretrainedConfig, role: str = "teacher.path") -> Enco
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # copies of other tensors: not stored
     names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
     head = tuple(name for name in names if not name.startswith(prefix + ".") and name not in tied)
-    return EncoderLayout(config.model_type, prefix, layer_list(model.base_model, config.num_hidden_layers), head)
+    return EncoderLayout(config.model_type, prefix, layer_list(model.base_model, config.num_hidden_layers), head, _max_length(model))
 
 
 def layer_list(body: nn.Module, num_layers: int) -> str | None:
@@ -49,6 +58,15 @@ def layer_list(body: nn.Module, num_layers: int) -> str | None:
     share one set of weights) or several."""
     names = [name for name, module in body.named_modules() if isinstance(module, nn.ModuleList) and len(module) == num_layers]
     return names[0] if len(names) == 1 else None
+
+
+def _max_length(model: PreTrainedModel) -> int | None:
+    """RoBERTa-style embeddings number positions from padding_idx + 1 on, so that many of them are never used."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if not hasattr(embeddings, "position_embeddings"):
+        return None
+    offset = embeddings.padding_idx + 1 if hasattr(embeddings, "create_position_ids_from_input_ids") else 0
+    return model.config.max_position_embeddings - offset
 
 
 def mlm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import run_finetuning
 from codir_ds.models import build_student, plan_models
 from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.pretrain.modules import LossWeights, StudentWithHeads, TeacherFeatures, masked_lm_logits
 from codir_ds.pretrain.run import run_pretraining
 
 
@@ -112,3 +113,60 @@ def test_a_model_type_without_a_masked_lm_encoder_is_one_line(tmp_path, news_sam
     GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(CodirError, match=r"^teacher.path: model type 'gpt2' has no masked-LM encoder in transformers"):
         plan_models(stage1_config(tmp_path, tmp_path / "gpt2", news_sample))
+
+
+def test_roberta_positions_after_the_padding_offset_bound_the_sequence_length(family_teachers, news_sample, tmp_path):
+    """66 position embeddings, ids counted from padding_idx + 1 = 2: 64 usable positions."""
+    cfg = stage1_config(tmp_path, family_teachers["roberta"], news_sample, data={"max_seq_length": 65, "num_workers": 0})
+    with pytest.raises(CodirError, match=r"^data.max_seq_length: 65 exceeds the 64 positions of the roberta teacher; set data.max_seq_length=64$"):
+        run_pretraining(cfg)
+
+
+def masked_batch(tokenizer, generator):
+    """Two sentences with a quarter of the tokens labelled (as the masking leaves them)."""
+    batch = tokenizer(["The fire spread towards Sydney overnight.", "Rain is expected in the west on Sunday."], padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(torch.rand(batch["input_ids"].shape, generator=generator) > 0.25, -100)
+    labels[:, 1] = batch["input_ids"][:, 1]  # at least one per row
+    return batch["input_ids"], batch["attention_mask"], labels
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_masked_lm_head_at_masked_positions_equals_the_models_own_logits(name, family_teachers):
+    teacher = family_teachers[name]
+    model = AutoModelForMaskedLM.from_pretrained(teacher).eval()
+    input_ids, attention_mask, labels = masked_batch(AutoTokenizer.from_pretrained(teacher), torch.Generator().manual_seed(0))
+    positions = labels.ne(-100)
+    with torch.no_grad():
+        body = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        ours = masked_lm_logits(model, body, positions)
+        reference = model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
+    assert ours.shape == (positions.sum(), model.config.vocab_size)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_stage1_kd_is_taken_at_masked_positions_only(family_teachers):
+    """KD from TeacherFeatures' logits into StudentWithHeads equals T^2 KL(teacher || student) written out
+    from both models' full logits, averaged over the masked positions (and differs from all positions)."""
+    teacher_dir, temperature = family_teachers["roberta"], 2.0
+    torch.manual_seed(0)
+    teacher = AutoModelForMaskedLM.from_pretrained(teacher_dir).eval()
+    student = AutoModelForMaskedLM.from_pretrained(teacher_dir, num_hidden_layers=2).eval()
+    with torch.no_grad():  # away from the near-uniform predictions of a fresh initialisation
+        for parameter in [*teacher.parameters(), *student.parameters()]:
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    input_ids, attention_mask, labels = masked_batch(AutoTokenizer.from_pretrained(teacher_dir), torch.Generator().manual_seed(1))
+    features, teacher_logits = TeacherFeatures(teacher, [2, 4], "mean", with_logits=True)(input_ids, attention_mask, labels)
+    weights = LossWeights(mlm=1.0, kd=0.5, kd_temperature=temperature, codir=1.0, temperature=0.07)
+    module = StudentWithHeads(student, features.shape[1], 8, "mean", weights).eval()
+    with torch.no_grad():
+        terms, _ = module(input_ids, attention_mask, labels, features, torch.arange(2), teacher_logits)
+
+        def kd(rows):
+            t = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[rows].double() / temperature
+            s = student(input_ids=input_ids, attention_mask=attention_mask).logits[rows].double() / temperature
+            p_t = t.softmax(-1)
+            return (p_t * (p_t.log() - s.log_softmax(-1))).sum(-1).mean() * temperature**2
+
+        masked, everywhere = kd(labels.ne(-100)), kd(attention_mask.bool())
+    assert terms["kd"].item() == pytest.approx(masked.item(), rel=1e-5)
+    assert abs(masked.item() - everywhere.item()) > 1e-3 * masked.item()

@@ -25,6 +25,7 @@ from ..distributed import (
     world_size,
 )
 from ..ds_config import load_ds_config
+from ..encoders import check_length
 from ..engines import parameter_counts, student_engine, teacher_engine
 from ..errors import CodirError
 from ..export import export_student
@@ -67,6 +68,7 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
     """Train to `cfg.train.max_steps` (or stop, checkpointed, after `stop_after` steps); export at the end."""
     init_distributed(cfg.train.comm_timeout_minutes)
     plan = plan_models(cfg)  # configs and file headers only: bad input fails before any weights load
+    check_length(plan.layout, cfg.data.max_seq_length, "data.max_seq_length")
     ds_config = load_ds_config(cfg.train, world_size())
     weights = loss_weights(cfg, plan)
     seed_everything(cfg.train.seed)
