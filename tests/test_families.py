@@ -5,6 +5,8 @@ export. The fixtures are tiny real models with tokenizers trained on the embedde
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,8 @@ from codir_ds.models import build_student, plan_models
 from codir_ds.pretrain.config import PretrainConfig
 from codir_ds.pretrain.modules import LossWeights, StudentWithHeads, TeacherFeatures, masked_lm_logits
 from codir_ds.pretrain.run import run_pretraining
+
+EXPORTS: dict[str, tuple] = {}  # family -> (stage-1 export, stage-2 export), filled by test_family_end_to_end
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +104,32 @@ def test_family_end_to_end(name, family_teachers, news_sample, tmp_path):
     classifier = AutoModelForSequenceClassification.from_pretrained(task_dir / "out/student")
     assert classifier.config.num_hidden_layers == 2
     assert classifier.config.id2label == {0: "neg", 1: "pos"}
+    EXPORTS[name] = (export, task_dir / "out/student")
+
+
+def test_exports_load_where_codir_ds_cannot_be_imported():
+    """After the end-to-end tests (file order), in one process without codir_ds: every family's stage-1 export
+    predicts a masked token and its stage-2 export classifies, through the Auto classes and its own tokenizer."""
+    if not EXPORTS:
+        pytest.skip("needs the exports of test_family_end_to_end in the same run")
+    script = [
+        "import sys, torch; sys.modules['codir_ds'] = None",
+        "from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer",
+    ]
+    for name, (stage1, stage2) in EXPORTS.items():
+        script += [
+            f"tok = AutoTokenizer.from_pretrained('{stage1}')",
+            "enc = tok('The fire ' + tok.mask_token + ' towards Sydney.', return_tensors='pt')",
+            f"mlm = AutoModelForMaskedLM.from_pretrained('{stage1}').eval()",
+            f"clf = AutoModelForSequenceClassification.from_pretrained('{stage2}').eval()",
+            "shaped = mlm(**enc).logits.shape[1:] == (enc['input_ids'].shape[1], mlm.config.vocab_size)",
+            f"print('{name}', type(mlm).__name__, shaped, clf.config.id2label[clf(**enc).logits.argmax(-1).item()])",
+        ]
+    loaded = subprocess.run([sys.executable, "-c", "\n".join(script)], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    lines = [line.split() for line in loaded.stdout.splitlines() if line.split()[:1] and line.split()[0] in EXPORTS]
+    assert [line[0] for line in lines] == list(EXPORTS)
+    assert all(line[2] == "True" and line[3] in ("neg", "pos") for line in lines), lines
 
 
 def test_layer_init_from_a_model_that_shares_its_layers_is_refused_before_any_weights_load(news_sample, tmp_path):
