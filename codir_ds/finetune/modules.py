@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -21,14 +20,6 @@ from ..losses import (
 from ..representations import layer_features
 
 
-def model_inputs(model: PreTrainedModel, input_ids, attention_mask, token_type_ids=None) -> dict:
-    """The inputs `model` takes: `token_type_ids` only where given and named by its forward (ModernBERT has none)."""
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None and "token_type_ids" in inspect.signature(model.forward).parameters:
-        inputs["token_type_ids"] = token_type_ids
-    return inputs
-
-
 class TeacherTaskOutputs(nn.Module):
     """Frozen task teacher: pooled features of its mapped layers, its task logits and, with `with_states`,
     the token states of its mapped layers [batch, layers, seq, dim] (else None)."""
@@ -38,7 +29,7 @@ class TeacherTaskOutputs(nn.Module):
         self.teacher, self.layer_map, self.pooling, self.with_states = teacher, list(layer_map), pooling, with_states
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        out = self.teacher(**model_inputs(self.teacher, input_ids, attention_mask, token_type_ids), output_hidden_states=True)
+        out = self.teacher(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, output_hidden_states=True)
         states = torch.stack([out.hidden_states[layer] for layer in self.layer_map], dim=1) if self.with_states else None
         return layer_features(out.hidden_states, self.layer_map, attention_mask, self.pooling), out.logits, states
 
@@ -74,7 +65,7 @@ class ClassifierWithHeads(nn.Module):
 
     def predict(self, input_ids, attention_mask, token_type_ids=None):
         """Task logits (evaluation)."""
-        return self.student(**model_inputs(self.student, input_ids, attention_mask, token_type_ids)).logits
+        return self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
     def forward(self, input_ids, attention_mask, labels, token_type_ids=None, teacher_logits=None, target: dict | None = None):
         """Loss terms (`total` first) and, for CoDIR, (contrastive logits, positive index).
@@ -84,7 +75,7 @@ class ClassifierWithHeads(nn.Module):
         {`candidates` [C, F], `positive_index`, optional `candidate_labels` to mask same-label rows}; for `mse`
         {`positives`}; for the token-level baselines {`states`} [B, layers, seq, dim].
         """
-        out = self.student(**model_inputs(self.student, input_ids, attention_mask, token_type_ids), output_hidden_states=True)
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, output_hidden_states=True)
         w = self.weights
         terms = {"ce": task_loss(out.logits, labels, w.regression)}
         if teacher_logits is not None and w.alpha > 0:
