@@ -1,6 +1,7 @@
 """Step time of a codir-ds CoDIR step vs plain PyTorch baselines, variants interleaved in one run.
 
     DS_ACCELERATOR=cpu python bench/step_overhead.py [--shapes=tiny,paper] [--repeats=5]
+    python bench/step_overhead.py --deepspeed_config=ds_configs/zero2_bf16.json     # on a GPU, in bf16
 
 (a) student alone: masked-LM forward/backward (logits at every position) + AdamW step, plain PyTorch.
 (b) plain floor: (a) plus a teacher forward under no_grad.
@@ -8,11 +9,15 @@
     ZeRO-3 or replicated) with MLM + CoDIR against K queued negatives (KD off: no teacher LM head).
 The CoDIR part (pooling, heads, InfoNCE over the batch + K negatives, forward and backward) is timed
 alone on the same shapes and reported as a share of (c). Prints a Markdown table; medians of `repeats`.
+With `--deepspeed_config`, (c) runs that student config (ZeRO-3 and replicated teacher), and where it enables
+bf16, (a), (b) and the CoDIR part run their models and tensors in bf16 too. Everything runs on the
+accelerator's device (the GPU, or the CPU under DS_ACCELERATOR=cpu).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import tempfile
 import time
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import fire
 import torch
+from deepspeed.accelerator import get_accelerator
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from codir_ds.config import load_config
@@ -45,19 +51,30 @@ CODIR_VARIANTS = [  # (label, teacher partitioned with ZeRO-3, student DeepSpeed
 ]
 
 
-def synthetic_batch(shape: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def synthetic_batch(shape: dict, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     ids = torch.randint(5, shape["vocab"], (shape["batch"], shape["seq"]), generator=generator)
     masked = torch.rand(ids.shape, generator=generator) < 0.15
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.masked_fill(~masked, -100)}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.masked_fill(~masked, -100)}
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def timed(step) -> float:
+    get_accelerator().synchronize()
     start = time.perf_counter()
     step()
+    get_accelerator().synchronize()  # GPU kernels run asynchronously: wait for them
     return time.perf_counter() - start
 
 
-def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, callable]:
+def codir_variants(deepspeed_config: str) -> list[tuple[str, bool, str]]:
+    """The (c) variants: the built-in CPU-config set, or the given config with a ZeRO-3 and a replicated teacher."""
+    if not deepspeed_config:
+        return CODIR_VARIANTS
+    name = Path(deepspeed_config).name
+    return [(f"(c) codir-ds, ZeRO-3 teacher, {name}", True, deepspeed_config), (f"(c) codir-ds, replicated teacher, {name}", False, deepspeed_config)]
+
+
+def build_variants(shape: dict, folder: Path, queue_length: int, deepspeed_config: str = "") -> dict[str, callable]:
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=shape["vocab"],
@@ -68,10 +85,12 @@ def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, ca
         max_position_embeddings=512,
     )
     BertForMaskedLM(config).save_pretrained(folder)
-    batch = synthetic_batch(shape, torch.Generator().manual_seed(1))
+    device = torch.device(get_accelerator().current_device_name())
+    dtype = torch.bfloat16 if deepspeed_config and json.loads(Path(deepspeed_config).read_text()).get("bf16", {}).get("enabled") else torch.float32
+    batch = synthetic_batch(shape, torch.Generator().manual_seed(1), device)
 
-    teacher = BertModel.from_pretrained(folder).eval()
-    student = BertForMaskedLM.from_pretrained(folder, num_hidden_layers=shape["layers"] // 2)
+    teacher = BertModel.from_pretrained(folder).to(device, dtype).eval()
+    student = BertForMaskedLM.from_pretrained(folder, num_hidden_layers=shape["layers"] // 2).to(device, dtype)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
 
     def student_alone():
@@ -85,7 +104,7 @@ def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, ca
         student_alone()
 
     variants = {"(a) student alone, MLM": student_alone, "(b) plain floor: teacher fwd + student": plain_floor}
-    for label, zero3, ds_config_path in CODIR_VARIANTS:
+    for label, zero3, ds_config_path in codir_variants(deepspeed_config):
         cfg = load_config(
             PretrainConfig,
             None,
@@ -106,41 +125,43 @@ def build_variants(shape: dict, folder: Path, queue_length: int) -> dict[str, ca
         teacher_engine = build_teacher_engine(cfg, plan, ds_config, with_logits=False)
         student_engine = build_student_engine(cfg, plan, ds_config, loss_weights(cfg, plan))
         queue = NegativeQueue(queue_length, plan.teacher_feature_dim, device=student_engine.device)
-        queue.enqueue(torch.randn(queue_length, plan.teacher_feature_dim))
+        queue.enqueue(torch.randn(queue_length, plan.teacher_feature_dim, device=device))
         # no corpus: the same masked batch every step
         run = PretrainRun(student_engine, teacher_engine, queue, plan, None, cfg.codir.temperature, 0, batches=itertools.repeat(batch))
         variants[label] = lambda run=run: micro_step(run)
-    variants["CoDIR part alone (pool, heads, InfoNCE, K queued)"] = codir_part(shape, queue_length)
+    variants["CoDIR part alone (pool, heads, InfoNCE, K queued)"] = codir_part(shape, queue_length, device, dtype)
     return variants
 
 
-def codir_part(shape: dict, queue_length: int):
-    """Forward + backward of pooling, both heads and InfoNCE, given hidden states as the trainer has them."""
+def codir_part(shape: dict, queue_length: int, device: torch.device, dtype: torch.dtype):
+    """Forward + backward of pooling, both heads and InfoNCE, given hidden states as the trainer has them
+    (in `dtype`; the queue is float32, as the trainer keeps it)."""
     student_layers, batch, seq, hidden = shape["layers"] // 2, shape["batch"], shape["seq"], shape["hidden"]
-    heads = ProjectionHeads(student_layers * hidden, student_layers * hidden, 128)
-    states = [torch.randn(batch, seq, hidden, requires_grad=True) for _ in range(student_layers + 1)]
-    teacher_states = [torch.randn(batch, seq, hidden) for _ in range(shape["layers"] + 1)]
-    mask = torch.ones(batch, seq)
-    queued = torch.randn(queue_length, student_layers * hidden)
+    heads = ProjectionHeads(student_layers * hidden, student_layers * hidden, 128).to(device, dtype)
+    states = [torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True) for _ in range(student_layers + 1)]
+    teacher_states = [torch.randn(batch, seq, hidden, device=device, dtype=dtype) for _ in range(shape["layers"] + 1)]
+    mask = torch.ones(batch, seq, device=device)
+    queued = torch.randn(queue_length, student_layers * hidden, device=device)
     teacher_layers = list(range(2, shape["layers"] + 1, 2))
-    positives = torch.arange(batch)
+    positives = torch.arange(batch, device=device)
 
     def step():
         teacher_features = layer_features(teacher_states, teacher_layers, mask)
         anchors = heads.project_student(layer_features(states, range(1, student_layers + 1), mask))
-        candidates = heads.project_teacher(torch.cat([teacher_features, queued]))
+        candidates = heads.project_teacher(torch.cat([teacher_features.float(), queued]))
         info_nce(contrastive_logits(anchors, candidates, positives, 0.07), positives).backward()
         heads.zero_grad(set_to_none=True)
 
     return step
 
 
-def main(shapes: str = "tiny,paper", repeats: int = 5, queue_length: int = 4096) -> None:
+def main(shapes: str = "tiny,paper", repeats: int = 5, queue_length: int = 4096, deepspeed_config: str = "") -> None:
+    """`deepspeed_config`: the student's DeepSpeed config for (c), e.g. ds_configs/zero2_bf16.json on a GPU."""
     init_distributed()
     rows = []
     for name in shapes.split(",") if isinstance(shapes, str) else shapes:
         with tempfile.TemporaryDirectory() as folder:
-            variants = build_variants(SHAPES[name], Path(folder), queue_length)
+            variants = build_variants(SHAPES[name], Path(folder), queue_length, deepspeed_config)
             times = {label: [] for label in variants}
             for round_ in range(repeats + 1):  # round 0 warms up
                 labels = list(variants)
@@ -154,7 +175,9 @@ def main(shapes: str = "tiny,paper", repeats: int = 5, queue_length: int = 4096)
         for label, median in medians.items():
             share = f"{100 * codir / median:.1f}%" if label.startswith("(c)") else ""
             rows.append(f"| {name} | {label} | {median * 1000:.1f} | {median / floor:.2f} | {share} |")
-    print(f"\nmedian of {repeats} interleaved steps, K = {queue_length}, {torch.get_num_threads()} threads\n")
+    device = get_accelerator().device_name()
+    configs = deepspeed_config or "the CPU configs"
+    print(f"\nmedian of {repeats} interleaved steps, K = {queue_length}, {device}, {torch.get_num_threads()} threads, {configs}\n")
     print("| shape | variant | step ms | x plain floor (b) | CoDIR part share |")
     print("| --- | --- | --- | --- | --- |")
     print("\n".join(rows))

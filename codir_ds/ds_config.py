@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deepspeed.accelerator import get_accelerator
+
 from .config import TrainConfig
 from .errors import CodirError
 
@@ -45,6 +47,7 @@ def load_ds_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
         config.setdefault(key, auto[key][1])
     _reject_leftover_auto(config, str(path), "")
+    _check_precision(config, path)
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise CodirError(f"train.deepspeed_config: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
@@ -59,6 +62,17 @@ def teacher_ds_config(student_config: dict[str, Any], partition: bool) -> dict[s
     config["train_batch_size"] = student_config["train_batch_size"]
     config["zero_optimization"] = {"stage": 3 if partition else 0}
     return config
+
+
+def _check_precision(config: dict, path: Path) -> None:
+    """bf16 or fp16 only where the accelerator runs it: fp16 with its loss scaling is for GPUs."""
+    accelerator = get_accelerator()
+    for precision, supported in (("bf16", accelerator.is_bf16_supported), ("fp16", accelerator.is_fp16_supported)):
+        if isinstance(config.get(precision), dict) and config[precision].get("enabled") and not supported():
+            raise CodirError(
+                f"train.deepspeed_config: {path} enables {precision}, which DeepSpeed's {accelerator.device_name()} accelerator does not "
+                "support here; on a CPU use ds_configs/cpu_bf16.json (where bf16 is supported) or ds_configs/cpu_small.json (fp32)"
+            )
 
 
 def _fill(config: dict, dotted: str, value: Any) -> Any:

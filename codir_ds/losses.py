@@ -14,7 +14,8 @@ from torch import nn
 
 
 class ProjectionHeads(nn.Module):
-    """Two linear heads mapping student and teacher features to a shared, L2-normalised space."""
+    """Two linear heads mapping student and teacher features to a shared, L2-normalised space. The heads run
+    in the model's precision; their outputs are normalised in float32 (or float64), whatever that is."""
 
     def __init__(self, student_dim: int, teacher_dim: int, projection_dim: int = 128):
         super().__init__()
@@ -22,10 +23,19 @@ class ProjectionHeads(nn.Module):
         self.teacher = nn.Linear(teacher_dim, projection_dim)
 
     def project_student(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.student(features), dim=-1)
+        return _normalized(self.student(features.to(self.student.weight.dtype)))
 
     def project_teacher(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.teacher(features.to(self.teacher.weight.dtype)), dim=-1)
+        return _normalized(self.teacher(features.to(self.teacher.weight.dtype)))
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or as it is if wider: contrastive similarities are never formed in bf16/fp16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(_at_least_fp32(x), dim=-1)
 
 
 def contrastive_logits(
@@ -38,13 +48,13 @@ def contrastive_logits(
     anchor_ids: torch.Tensor | None = None,
     candidate_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Similarities / temperature of each anchor to every candidate [batch, candidates].
+    """Similarities / temperature of each anchor to every candidate [batch, candidates], in float32 at least.
 
     Candidate `positive_index[i]` is anchor i's positive; all others are negatives. With labels, negatives
     sharing the anchor's label are masked out (-inf), as CoDIR's label-aware finetuning asks; with example ids,
     so are other copies of the anchor's own example (queued in an earlier epoch).
     """
-    logits = anchors @ candidates.T / temperature
+    logits = _at_least_fp32(anchors) @ _at_least_fp32(candidates).T / temperature
     masked = torch.zeros_like(logits, dtype=torch.bool)
     if anchor_labels is not None and candidate_labels is not None:
         masked |= anchor_labels.unsqueeze(1) == candidate_labels.unsqueeze(0)
@@ -56,7 +66,7 @@ def contrastive_logits(
 
 def info_nce(logits: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor:
     """Mean of -log(exp(pos) / sum(exp(all unmasked candidates))) over the batch."""
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), positive_index)
+    return F.cross_entropy(_at_least_fp32(logits), positive_index)
 
 
 CONTRASTIVE_STATS = ("top1_accuracy", "positive_similarity", "negative_similarity")  # what `contrastive_stats` returns
@@ -87,7 +97,8 @@ def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 
 def sampled_contrastive_logits(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """[batch, 1 + K] similarities / temperature of each anchor to its own positive (column 0) and its own
-    K negatives (`negatives` is [batch, K, dim]): the memory bank's per-anchor, label-aware form."""
+    K negatives (`negatives` is [batch, K, dim]): the memory bank's per-anchor, label-aware form; float32 at least."""
+    anchors, positives, negatives = _at_least_fp32(anchors), _at_least_fp32(positives), _at_least_fp32(negatives)
     positive = (anchors * positives).sum(dim=-1, keepdim=True)
     negative = torch.einsum("bd,bkd->bk", anchors, negatives)
     return torch.cat([positive, negative], dim=1) / temperature

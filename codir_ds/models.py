@@ -22,11 +22,9 @@ from transformers import (
 )
 
 from .config import StudentConfig
+from .encoders import EncoderLayout, encoder_layout, layer_list
 from .errors import CodirError, error_line
 from .layer_map import resolve_layer_map
-
-_LAYER_KEY = re.compile(r"^(.*encoder\.layer\.)(\d+)(\..*)$")
-_MLM_HEAD_PREFIXES = ("cls.predictions.", "lm_head.", "generator_lm_head.", "predictions.")
 
 
 @dataclass
@@ -37,6 +35,7 @@ class ModelPlan:
     student_config: PretrainedConfig
     layer_map: list[int]  # teacher layer (1-based) for each student layer
     teacher_has_mlm_head: bool
+    layout: EncoderLayout  # the teacher family's layer list and masked-LM head
 
     @property
     def teacher_feature_dim(self) -> int:
@@ -48,13 +47,21 @@ def plan_models(cfg) -> ModelPlan:
     """Check teacher, student and layer map of a stage's run config (its `teacher`, `student` and `codir`
     sections) against each other; raise `CodirError` on any mismatch."""
     teacher_config = read_model_config(cfg.teacher.path, "teacher.path")
+    layout = encoder_layout(teacher_config)
+    if cfg.student.init == "teacher_layers" and layout.layers is None:
+        raise CodirError(
+            f"student.init: teacher_layers needs one set of weights per layer, but {layout.model_type} ({cfg.teacher.path}) shares "
+            "its weights across layers; use student.init=config or student.init=checkpoint"
+        )
     student_cfg = cfg.student
     if student_cfg.init == "teacher_layers" and not student_cfg.num_layers and cfg.codir.layer_map:
         student_cfg = dataclasses.replace(student_cfg, num_layers=len(cfg.codir.layer_map))
     student_config = student_model_config(student_cfg, teacher_config)
     layer_map = resolve_layer_map(cfg.codir.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
-    head = has_mlm_head(cfg.teacher.path) if Path(cfg.teacher.path).is_dir() else True
-    return ModelPlan(teacher_config, student_config, layer_map, head)
+    if student_cfg.init == "teacher_layers" and getattr(teacher_config, "layer_types", None):  # e.g. ModernBERT's local/global attention
+        student_config.layer_types = [teacher_config.layer_types[layer - 1] for layer in layer_map]  # each copied layer keeps its kind
+    head = has_mlm_head(cfg.teacher.path, layout) if Path(cfg.teacher.path).is_dir() else True
+    return ModelPlan(teacher_config, student_config, layer_map, head, layout)
 
 
 def read_model_config(source: str, role: str) -> PretrainedConfig:
@@ -79,9 +86,11 @@ def checkpoint_tensor_names(source: str) -> list[str]:
     return list(_checkpoint_tensors(source))
 
 
-def has_mlm_head(source: str) -> bool:
-    """Whether the checkpoint holds trained masked-LM head weights (a sentence-embedding BERT does not)."""
-    return any(name.startswith(_MLM_HEAD_PREFIXES) or ".lm_head." in name for name in checkpoint_tensor_names(source))
+def has_mlm_head(source: str, layout: EncoderLayout | None = None) -> bool:
+    """Whether the checkpoint holds every trained tensor of its family's masked-LM head (a sentence-embedding
+    model, or a classifier, does not)."""
+    layout = layout or encoder_layout(read_model_config(source, "teacher.path"))
+    return set(layout.head_tensors) <= set(checkpoint_tensor_names(source))
 
 
 def has_classifier_head(source: str) -> bool:
@@ -160,10 +169,14 @@ def copy_teacher_layers(student: PreTrainedModel, teacher_source: str, layer_map
     """
     teacher = _checkpoint_tensors(teacher_source)
     prefix = student.base_model_prefix + "."
+    body_layers = layer_list(student.base_model, student.config.num_hidden_layers)
+    if body_layers is None:
+        raise CodirError(f"student.init: teacher_layers needs one set of weights per layer; {student.config.model_type} has none")
+    layers = re.compile(rf"^({re.escape(prefix + body_layers)}\.)(\d+)(\..*)$")
     state = student.state_dict()
     missing = []
     for name, target in state.items():
-        source_name = _teacher_name(name, layer_map)
+        source_name = _teacher_name(layers, name, layer_map)
         candidates = [source_name, source_name.removeprefix(prefix), prefix + source_name]
         found = next((c for c in candidates if c in teacher), None)
         if found is None:
@@ -173,18 +186,18 @@ def copy_teacher_layers(student: PreTrainedModel, teacher_source: str, layer_map
         if tensor.shape != target.shape:
             raise CodirError(f"teacher tensor {found} has shape {tuple(tensor.shape)}, student expects {tuple(target.shape)}")
         target.copy_(tensor)
-    not_copied = [n for n in missing if n.startswith(prefix + "encoder.") or n.startswith(prefix + "embeddings.")]
+    not_copied = [n for n in missing if n.startswith(prefix) and ".pooler." not in n]  # a pooler may start fresh, as in from_pretrained
     if not_copied:
         raise CodirError(
             f"teacher checkpoint {teacher_source!r} lacks {len(not_copied)} body tensors the student needs "
-            f"(first: {not_copied[0]}); student.init=teacher_layers supports BERT/RoBERTa-style encoder.layer.N naming"
+            f"(first: {not_copied[0]}); it must be a {student.config.model_type} model of the student's width"
         )
     student.tie_weights()
     return missing
 
 
-def _teacher_name(student_name: str, layer_map: list[int]) -> str:
-    match = _LAYER_KEY.match(student_name)
+def _teacher_name(layers: re.Pattern, student_name: str, layer_map: list[int]) -> str:
+    match = layers.match(student_name)
     if not match:
         return student_name
     return f"{match.group(1)}{layer_map[int(match.group(2))] - 1}{match.group(3)}"

@@ -51,6 +51,28 @@ def save_tiny_model(folder: Path, layers: int = 4, hidden: int = 32, mlm_head: b
     return folder
 
 
+def train_tiny_teacher(folder: Path, corpus: Path, steps: int = 150, seed: int = 0) -> Path:
+    """A tiny BERT whose MLM head is trained on `corpus` (plain PyTorch, masked-LM loss): a teacher whose logits
+    carry knowledge, so that logit KD has something to teach."""
+    save_tiny_model(folder, seed=seed, dropout=0.0)
+    model, tokenizer = BertForMaskedLM.from_pretrained(folder), BertTokenizer.from_pretrained(folder)
+    ids = tokenizer(corpus.read_text().splitlines(), truncation=True, max_length=32, padding="max_length", return_tensors="pt")["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only loses time to thread synchronisation
+    for _ in range(steps):
+        batch = ids[torch.randint(len(ids), (32,), generator=generator)]
+        selected = (torch.rand(batch.shape, generator=generator) < 0.15) & (batch > 4)  # ordinary tokens only
+        loss = model(input_ids=batch.masked_fill(selected, tokenizer.mask_token_id), labels=batch.masked_fill(~selected, -100)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    model.save_pretrained(folder)
+    return folder
+
+
 DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

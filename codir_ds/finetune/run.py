@@ -32,6 +32,7 @@ from ..distributed import (
     world_size,
 )
 from ..ds_config import load_ds_config
+from ..encoders import check_length
 from ..engines import parameter_counts, student_engine, teacher_engine
 from ..errors import CodirError
 from ..export import export_student
@@ -115,6 +116,7 @@ def _finetune(cfg: FinetuneConfig, stop_after: int | None, export_name: str) -> 
     seed_everything(cfg.train.seed)
     task = resolve_task(cfg.task)
     plan = plan_models(cfg)  # configs and file headers only: bad paths fail before any data is read
+    check_length(plan.layout, cfg.task.max_seq_length, "task.max_seq_length")
     tokenizer = load_tokenizer(cfg.teacher.path, "teacher.path")
     data = _load_data_rank0_first(cfg, task, tokenizer)
     task = data.task  # with the labels a custom task's train set declares

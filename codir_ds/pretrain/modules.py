@@ -9,16 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..encoders import mlm_logits
 from ..losses import ProjectionHeads, contrastive_logits, info_nce, logit_kd
 from ..representations import layer_features
-
-
-def mlm_head(model: PreTrainedModel) -> nn.Module:
-    """The module after the encoder body (`cls` for BERT, `lm_head` for RoBERTa)."""
-    heads = [module for name, module in model.named_children() if name != model.base_model_prefix]
-    if len(heads) != 1:
-        raise ValueError(f"{type(model).__name__}: expected one masked-LM head beside the body, found {len(heads)}")
-    return heads[0]
 
 
 def masked_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -26,9 +19,10 @@ def masked_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels.ne(-100)
 
 
-def masked_lm_logits(head: nn.Module, sequence_output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Vocabulary logits [masked tokens, vocab] only at masked positions: the head never sees the rest."""
-    return head(sequence_output[positions])
+def masked_lm_logits(model: PreTrainedModel, sequence_output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits [masked tokens, vocab] of the masked-LM `model`'s head only at masked positions: the
+    head never sees the rest."""
+    return mlm_logits(model, sequence_output[positions])
 
 
 class TeacherFeatures(nn.Module):
@@ -44,7 +38,7 @@ class TeacherFeatures(nn.Module):
         features = layer_features(out.hidden_states, self.layer_map, attention_mask, self.pooling)
         logits = None
         if self.with_logits:
-            logits = masked_lm_logits(mlm_head(self.teacher), out.last_hidden_state, masked_positions(labels))
+            logits = masked_lm_logits(self.teacher, out.last_hidden_state, masked_positions(labels))
         return features, logits
 
 
@@ -75,7 +69,7 @@ class StudentWithHeads(nn.Module):
         """
         out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         positions = masked_positions(labels)
-        student_logits = masked_lm_logits(mlm_head(self.student), out.last_hidden_state, positions)
+        student_logits = masked_lm_logits(self.student, out.last_hidden_state, positions)
         masked = labels[positions]  # a micro-batch with nothing masked contributes 0, not NaN
         terms = {"mlm": F.cross_entropy(student_logits.float(), masked, reduction="sum") / max(len(masked), 1)}
         if teacher_logits is not None and self.weights.kd > 0:

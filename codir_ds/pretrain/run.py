@@ -25,6 +25,7 @@ from ..distributed import (
     world_size,
 )
 from ..ds_config import load_ds_config
+from ..encoders import check_length
 from ..engines import parameter_counts, student_engine, teacher_engine
 from ..errors import CodirError
 from ..export import export_student
@@ -75,6 +76,7 @@ def run_pretraining(cfg: PretrainConfig, stop_after: int | None = None) -> Pretr
 
 def _pretrain(cfg: PretrainConfig, stop_after: int | None) -> PretrainRun:
     plan = plan_models(cfg)  # configs and file headers only: bad input fails before any weights load
+    check_length(plan.layout, cfg.data.max_seq_length, "data.max_seq_length")
     ds_config = load_ds_config(cfg.train, world_size())
     weights = loss_weights(cfg, plan)
     seed_everything(cfg.train.seed)

@@ -1,0 +1,79 @@
+"""bf16: the contrastive similarities and InfoNCE stay float32 under a bf16 model, and a stage-1 run with student and
+teacher in bf16 trains, checkpoints, resumes and exports through DeepSpeed on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
+from helpers import write_corpus, write_run_config
+from transformers import AutoModelForMaskedLM
+
+from codir_ds.config import TrainConfig, load_config
+from codir_ds.ds_config import load_ds_config
+from codir_ds.errors import CodirError
+from codir_ds.losses import ProjectionHeads, contrastive_logits, info_nce, sampled_contrastive_logits
+from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.pretrain.run import run_pretraining
+
+
+def test_contrastive_logits_and_info_nce_are_float32_under_bf16_heads():
+    g = torch.Generator().manual_seed(0)
+    heads = ProjectionHeads(24, 40, 16).to(torch.bfloat16)
+    student_features = torch.randn(6, 24, generator=g).bfloat16()
+    queued = torch.randn(30, 40, generator=g)  # the queue keeps float32 rows
+    positives, tau = torch.arange(6), 0.07
+
+    anchors, candidates = heads.project_student(student_features), heads.project_teacher(queued)
+    logits = contrastive_logits(anchors, candidates, positives, tau)
+    loss = info_nce(logits, positives)
+    assert (anchors.dtype, candidates.dtype, logits.dtype, loss.dtype) == (torch.float32,) * 4
+
+    with torch.no_grad():  # float64 from the same bf16 head outputs; bf16 arithmetic is off by far more
+        s, t = heads.student(student_features), heads.teacher(queued.bfloat16())
+        reference = F.normalize(s.double(), dim=-1) @ F.normalize(t.double(), dim=-1).T / tau
+        in_bf16 = F.normalize(s, dim=-1) @ F.normalize(t, dim=-1).T / tau
+    torch.testing.assert_close(logits.detach().double(), reference, rtol=0, atol=1e-4)
+    assert (in_bf16.double() - reference).abs().max() > 1e-2
+    torch.testing.assert_close(loss.detach().double(), F.cross_entropy(reference, positives), rtol=0, atol=1e-5)
+
+    sampled = sampled_contrastive_logits(anchors.bfloat16(), candidates[:6].bfloat16(), candidates[6:].bfloat16().view(6, 4, 16), tau)
+    assert sampled.dtype == torch.float32
+
+
+@pytest.mark.skipif(not get_accelerator().is_bf16_supported(), reason="this DeepSpeed accelerator reports no bf16 support")
+def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
+    config = write_run_config(
+        tmp_path,
+        tiny_teacher,
+        write_corpus(tmp_path / "corpus.txt", documents=60),
+        train={"deepspeed_config": "ds_configs/cpu_bf16.json", "max_steps": 3},
+        checkpoint={"every": 2},
+        data={"num_workers": 0},
+        loss={"kd": 0.5},
+    )
+    cfg = load_config(PretrainConfig, str(config), {})
+    first = run_pretraining(cfg, stop_after=2)
+    assert first.student.module.student.dtype == torch.bfloat16
+    assert first.student.module.heads.student.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in first.teacher.module.parameters()} == {torch.bfloat16}
+    resumed = run_pretraining(cfg)
+    losses = first.losses + resumed.losses
+    assert len(losses) == 3
+    assert all(math.isfinite(step[term]) for step in losses for term in ("total", "mlm", "kd", "codir")), losses
+
+    exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "out/student")
+    assert exported.dtype == torch.float32  # the fp32 master weights, consolidated
+    trained = resumed.student.module.student
+    probe = torch.tensor([[2, 5, 9, 11, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(input_ids=probe).logits, trained.eval()(input_ids=probe).logits.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(bool(get_accelerator().is_fp16_supported()), reason="this accelerator runs fp16")
+def test_fp16_on_an_accelerator_without_it_is_one_line():
+    with pytest.raises(CodirError, match=r"^train.deepspeed_config: ds_configs/zero2_fp16.json enables fp16, which DeepSpeed's cpu accelerator"):
+        load_ds_config(TrainConfig(deepspeed_config="ds_configs/zero2_fp16.json"), world_size=1)
