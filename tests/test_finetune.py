@@ -11,6 +11,7 @@ from test_pretrain_cli import one_line_error
 from transformers import AutoConfig
 
 from codir_ds.config import load_config
+from codir_ds.errors import CodirError
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import run_finetuning, teacher_training_config
 from codir_ds.state_files import save_state
@@ -108,15 +109,22 @@ def finetune(config_path, *args):
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=child_env())
 
 
-def test_cli_errors_for_a_wrong_teacher_or_task(tmp_path, task, task_teacher, tiny_teacher):
+def finetune_error(path, **overrides) -> str:
+    """The one-line error a run with `overrides` stops with (in-process; the CLI prints it as is)."""
+    with pytest.raises(CodirError) as caught:
+        run_finetuning(load_config(FinetuneConfig, str(path), overrides))
+    return str(caught.value)
+
+
+def test_errors_for_a_wrong_teacher_or_task(tmp_path, task, task_teacher, tiny_teacher):
     path = write_task_config(tmp_path, task_teacher, *task)
-    assert one_line_error(finetune(path, f"--teacher.path={tiny_teacher}")) == (
+    assert finetune_error(path, **{"teacher.path": str(tiny_teacher)}) == (
         f"teacher.path: {tiny_teacher} has no classification head: finetune it on the task first (deepspeed launch/finetune.py teacher --config ...)"
     )
-    assert one_line_error(finetune(path, "--task.labels=[a,b,c]")).startswith("task: ")
+    assert finetune_error(path, **{"task.labels": ["a", "b", "c"]}).startswith("task: ")
     three_way = save_task_teacher(tmp_path / "three", num_labels=3)
-    assert one_line_error(finetune(path, f"--teacher.path={three_way}")) == ("teacher.path: the teacher predicts 3 labels, task custom has 2")
-    assert one_line_error(finetune(path, "--task.text_columns=[review]")).startswith("task.text_columns: no column 'review'")
+    assert finetune_error(path, **{"teacher.path": str(three_way)}) == "teacher.path: the teacher predicts 3 labels, task custom has 2"
+    assert finetune_error(path, **{"task.text_columns": ["review"]}).startswith("task.text_columns: no column 'review'")
     assert one_line_error(finetune(path, "student")) == "unknown finetune command 'student'; use 'distill' (the default) or 'teacher'"
 
 

@@ -146,7 +146,7 @@ def test_interrupted_prepare_leaves_no_readable_part(corpus, tiny_teacher, tmp_p
         raise KeyboardInterrupt  # killed after tokens.bin and meta.json were written, before the rename
 
     with monkeypatch.context() as patch:
-        patch.setattr(prep, "_publish", crash)
+        patch.setattr(prep, "publish", crash)
         with pytest.raises(KeyboardInterrupt):
             prepare_corpus([str(corpus)], str(tiny_teacher), str(tmp_path), max_seq_length=SEQ)
     assert (tmp_path / "part-00000-of-00001.partial" / "tokens.bin").is_file()

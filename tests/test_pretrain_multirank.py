@@ -125,18 +125,26 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
 
     whole = tmp_path / "whole"
     whole.mkdir()
-    reference = launch(write_run_config(whole, teacher, corpus, **sections), whole)
+    reference_config = write_run_config(whole, teacher, corpus, **sections)
+    reference = launch(reference_config, whole)
     expected_samples, expected_losses = step_samples(reference, 1), reference[0]["losses"]
     assert len(expected_samples) == 6
     assert all(len(samples) == 8 for samples in expected_samples)
 
+    # 2 -> 1: the reference's own step_3 (written by 2 ranks), resumed on 1 rank with twice the accumulation;
+    # 1 -> 2: a run of 1 rank stopped after step 3, resumed on 2 ranks.
     for first_ranks, second_ranks in ((2, 1), (1, 2)):
-        folder = tmp_path / f"{first_ranks}to{second_ranks}"
-        folder.mkdir()
-        config = write_run_config(folder, teacher, corpus, **sections)
         accumulation = {2: 1, 1: 2}
-        first = launch(config, folder, "--stop_after=3", f"--train.gradient_accumulation_steps={accumulation[first_ranks]}", ranks=first_ranks)
-        resumed = launch(config, folder, f"--train.gradient_accumulation_steps={accumulation[second_ranks]}", ranks=second_ranks)
+        if first_ranks == 2:
+            folder, config = whole, reference_config
+            first = [{**facts, "samples": facts["samples"][:3], "losses": facts["losses"][:3]} for facts in reference]
+            resume = ("--checkpoint.resume=step_3",)
+        else:
+            folder = tmp_path / "1to2"
+            folder.mkdir()
+            config, resume = write_run_config(folder, teacher, corpus, **sections), ()
+            first = launch(config, folder, "--stop_after=3", "--train.gradient_accumulation_steps=2", ranks=1)
+        resumed = launch(config, folder, *resume, f"--train.gradient_accumulation_steps={accumulation[second_ranks]}", ranks=second_ranks)
         samples = step_samples(first, accumulation[first_ranks]) + step_samples(resumed, accumulation[second_ranks])
         assert samples == expected_samples, (first_ranks, second_ranks)
         losses = first[0]["losses"] + resumed[0]["losses"]

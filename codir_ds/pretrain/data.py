@@ -186,7 +186,8 @@ class PreparedCorpus:
         self.block_length, self.tokenizer_hash = first["block_length"], first["tokenizer_hash"]
         self.special_ids, self.vocab_size, self.dtype = first["special_ids"], first["vocab_size"], np.dtype(first["dtype"])
         self.offsets = np.cumsum([0] + [m["counts"]["blocks"] for m in self.metas])
-        self.digest = hashlib.sha256("".join(m["fingerprint"] for m in self.metas).encode()).hexdigest()[:16]  # what was prepared
+        content = [(m.get("fingerprint"), m["tokenizer_hash"], m["block_length"], m["counts"]) for m in self.metas]
+        self.digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]  # what was prepared, not where
         self.meta = {
             **first,
             "counts": {k: sum(m["counts"][k] for m in self.metas) for k in first["counts"]},
