@@ -62,24 +62,7 @@ def setup(tmp_path, tiny_teacher):
     return config, run_dir, sbatch_env(run_dir, tmp_path)
 
 
-def test_two_nodes_share_one_world_and_one_queue(setup):
-    config, run_dir, env = setup
-    job = sbatch(config, env)
-    output, _ = job.communicate(timeout=400)
-    assert job.returncode == 0, output[-3000:] + "\n".join(node_logs(run_dir))[-4000:]
-    first, second = node_logs(run_dir)
-    assert "node_rank=0" in first
-    assert "node_rank=1" in second
-    assert "world 2" in first
-    assert "nnodes=2" in second
-    states = [load_state(run_dir / f"checkpoints/step_6/rank_{r}") for r in (0, 1)]
-    assert states[0]["queue"]["filled"] == 24
-    assert torch.equal(states[0]["queue"]["features"], states[1]["queue"]["features"])  # negatives shared across nodes
-    assert (run_dir / "student/model.safetensors").is_file()
-    assert (run_dir / "tensorboard").is_dir()
-
-
-def test_sigusr1_checkpoints_stops_requeues_and_the_next_job_resumes(setup, tmp_path):
+def test_two_nodes_share_one_world_sigusr1_checkpoints_stops_requeues_and_the_next_job_resumes(setup, tmp_path):
     config, run_dir, env = setup
     job = sbatch(config, env, "--train.max_steps=400", "--checkpoint.every=5")
     wait_for(run_dir / "checkpoints/latest", job)
@@ -96,9 +79,19 @@ def test_sigusr1_checkpoints_stops_requeues_and_the_next_job_resumes(setup, tmp_
     requeued = sbatch(config, env, f"--train.max_steps={stopped + 3}", "--checkpoint.every=5")
     output, _ = requeued.communicate(timeout=400)
     assert requeued.returncode == 0, output[-3000:]
-    assert f"resumed from step_{stopped}" in node_logs(run_dir)[0]
+    first, second = node_logs(run_dir)
+    assert f"resumed from step_{stopped}" in first
     assert (run_dir / "checkpoints/latest").read_text() == f"step_{stopped + 3}"
     assert (run_dir / "student/model.safetensors").is_file()
+    assert (run_dir / "tensorboard").is_dir()
+
+    assert "node_rank=0" in first
+    assert "node_rank=1" in second
+    assert "world 2" in first
+    assert "nnodes=2" in second
+    states = [load_state(run_dir / f"checkpoints/step_{stopped + 3}/rank_{r}") for r in (0, 1)]
+    assert states[0]["queue"]["filled"] == 24
+    assert torch.equal(states[0]["queue"]["features"], states[1]["queue"]["features"])  # negatives shared across nodes
 
 
 def test_a_dead_rank_ends_the_whole_job_with_an_error(setup):
