@@ -11,8 +11,8 @@ The one-time pass that fills the bank is timed too. Prints a Markdown table; med
 
 from __future__ import annotations
 
+import copy
 import csv
-import dataclasses
 import random
 import statistics
 import tempfile
@@ -25,7 +25,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from codir_ds.config import load_config
 from codir_ds.finetune.config import FinetuneConfig
-from codir_ds.finetune.run import FinetuneRun, build_memory_bank, micro_step, run_finetuning
+from codir_ds.finetune.run import FinetuneStage, build_memory_bank, run_finetuning
 
 SHAPES = {  # teacher depth x width; the student keeps half the layers
     "tiny": dict(layers=4, hidden=64, heads=4, seq=32, batch=16),
@@ -62,7 +62,7 @@ def write_inputs(folder: Path, shape: dict, examples: int) -> tuple[Path, Path, 
     return teacher, files[0], files[1]
 
 
-def build_run(folder: Path, teacher: Path, train: Path, dev: Path, shape: dict, distil: bool) -> FinetuneRun:
+def build_run(folder: Path, teacher: Path, train: Path, dev: Path, shape: dict, distil: bool) -> FinetuneStage:
     overrides = {
         "task.train_file": str(train),
         "task.dev_files": [str(dev)],
@@ -100,13 +100,14 @@ def main(shape: str = "minilm", repeats: int = 5, steps: int = 5, examples: int 
         plain = build_run(folder / "plain", teacher, train, dev, dims, distil=False)
         codir = build_run(folder / "codir", teacher, train, dev, dims, distil=True)
         start = time.perf_counter()
-        build_memory_bank(codir.teacher, codir.data, codir.batches.tokenizer, codir.cfg)
+        build_memory_bank(codir.teacher, codir.data, codir.tokenizer, codir.cfg)
         bank_seconds = time.perf_counter() - start
-        cached = dataclasses.replace(codir, teacher=None)  # the same run reading the teacher's outputs from the bank
+        cached = copy.copy(codir)  # the same run reading the teacher's outputs from the bank
+        cached.teacher = None
         variants = {
-            "(a) student alone (CE)": lambda: micro_step(plain),
-            "(b) CE + KD + CoDIR, live teacher each step": lambda: micro_step(codir),
-            "(c) CE + KD + CoDIR, memory bank + cached logits": lambda: micro_step(cached),
+            "(a) student alone (CE)": plain.micro_step,
+            "(b) CE + KD + CoDIR, live teacher each step": codir.micro_step,
+            "(c) CE + KD + CoDIR, memory bank + cached logits": cached.micro_step,
         }
         for step in variants.values():  # warm-up
             step()

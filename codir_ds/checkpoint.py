@@ -8,22 +8,18 @@ one usable. codir-ds's own state is JSON + safetensors (`state_files`): loading 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from deepspeed.accelerator import get_accelerator
-
 from . import files
 from .distributed import any_rank, barrier, device, rank, world_size
 from .errors import CodirError, error_line
+from .seeding import restore_rng_state, rng_state
 from .state_files import load_state, save_state
-from .universal import load_universal, universal_tag
+from .universal import load_universal, universal_conversion, universal_tag
 
 LATEST = "latest"
 PARTIAL = files.PARTIAL
@@ -89,7 +85,7 @@ def resolve_resume_tag(directory: Path, resume: str) -> str | None:
     return resume
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resume:
     """The checkpoint a run resumes from: its tag, how many ranks wrote it, its step, and, when this run has another
     world size, the tag of its universal conversion (ZeRO 1-3; a stage-0 checkpoint loads on any world size as it is)."""
@@ -113,8 +109,9 @@ class Resume:
             )
 
 
-def find_resume(directory: Path, resume: str) -> Resume | None:
-    """What `checkpoint.resume` names (None for a fresh start), read from the files before any engine is built."""
+def find_resume(directory: Path, resume: str, convert: bool = False) -> Resume | None:
+    """What `checkpoint.resume` names (None for a fresh start), read from the files before any engine is built.
+    With `convert`, a checkpoint of another world size is converted to a universal one (every rank calls it)."""
     tag = resolve_resume_tag(directory, resume)
     if tag is None:
         return None
@@ -136,7 +133,8 @@ def find_resume(directory: Path, resume: str) -> Resume | None:
         raise CodirError(
             f"corrupt checkpoint {folder}: rank_0.json: {type(err).__name__}: {error_line(err, limit=120)}{_advice(directory, exclude=tag)}"
         ) from None
-    return Resume(tag, world, step)
+    elastic = world != world_size()
+    return Resume(tag, world, step, universal_conversion(directory, tag, world) if convert and elastic else None)
 
 
 def load_checkpoint(engine, directory: Path, resume: Resume, elastic: bool = False) -> dict[str, Any]:
@@ -198,38 +196,6 @@ def _advice(directory: Path, exclude: str | None = None) -> str:
     if others:
         return f"; resume from {others[-1]}, the newest complete checkpoint, with --checkpoint.resume={others[-1]}"
     return "; no other complete checkpoint is there: start again with --checkpoint.resume= --output.overwrite=true"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_rank(seed: int, rank: int) -> None:
-    """Give each rank its own random stream (dropout) after the models are built from the shared seed."""
-    per_rank = seed + 1_000_003 * (rank + 1)
-    torch.manual_seed(per_rank)
-    get_accelerator().manual_seed_all(per_rank)
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "accelerator": get_accelerator().get_rng_state(),
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `rng_state`, also from its JSON form (lists where it had tuples)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    get_accelerator().set_rng_state(state["accelerator"])
 
 
 def _prune(directory: Path, keep: int, protect: str) -> None:

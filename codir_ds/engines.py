@@ -12,15 +12,15 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from .ds_config import teacher_ds_config
 from .errors import CodirError, error_line
+from .models import load_teacher
 
 
-def teacher_engine(
-    load: Callable[[], PreTrainedModel], wrap: Callable[[PreTrainedModel], nn.Module], student_ds_config: dict, partition: bool
-) -> deepspeed.DeepSpeedEngine:
-    """Inference engine of the frozen teacher; with `partition` it is loaded already partitioned (ZeRO-3 zero.Init)."""
+def teacher_engine(path: str, auto_class, wrap: Callable[[PreTrainedModel], nn.Module], student_ds_config: dict, partition: bool):
+    """Inference engine of the frozen teacher at `path` (loaded with `auto_class`, wrapped by `wrap`); with
+    `partition` it is loaded already partitioned (ZeRO-3 zero.Init)."""
     config = teacher_ds_config(student_ds_config, partition=partition)
     loading = HfDeepSpeedConfig(config) if partition else None  # must live while from_pretrained runs
-    teacher = load()
+    teacher = load_teacher(path, auto_class)
     del loading
     gc.collect()
     engine, *_ = deepspeed.initialize(model=wrap(teacher), config=config)

@@ -1,6 +1,6 @@
 """The one training loop both stages run: resume -> announce -> micro-steps -> finite? -> step end -> checkpoint/stop.
 
-A stage brings a `Stage`: its micro-step (one forward/backward/step returning detached loss tensors),
+A stage (`stage.Stage`) brings its micro-step (one forward/backward/step returning detached loss tensors),
 the state its checkpoints carry beside DeepSpeed's, its extra scalars and an after-step hook (stage 2
 evaluates there). Everything else (resume, student spec, monitor, stop requests) is written once here.
 """
@@ -8,9 +8,7 @@ evaluates there). Everything else (resume, student spec, monitor, stop requests)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -25,20 +23,6 @@ from .preemption import StopRequest, end_of_step
 
 
 @dataclass
-class Stage:
-    """What a stage plugs into `train`."""
-
-    micro_step: Callable[[], dict[str, torch.Tensor]]  # one micro-batch: loss terms and statistics, detached
-    rank_state: Callable[[], dict[str, Any]]  # saved in this rank's checkpoint file
-    restore: Callable[[dict[str, Any]], None]  # inverse of rank_state
-    scalars: Callable[[], dict[str, float]]  # extra scalars at logging steps (lr, queue fill, ...)
-    tokens_per_sample: int
-    summary: str  # one line on what is trained, printed at start
-    after_step: Callable[[int, Monitor], None] = lambda step, monitor: None
-    elastic: bool = False  # resumes on another world size (its state is the same on every rank)
-
-
-@dataclass
 class TrainResult:
     """What the loop leaves: the last step done and the values (rank-averaged) of each logged step."""
 
@@ -47,17 +31,17 @@ class TrainResult:
     stopped: bool = False  # stopped on request before its last step (checkpointed)
 
 
-def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_after: int | None = None) -> TrainResult:
-    """Run `cfg.train.max_steps` optimizer steps of `stage` on the student `engine` (or stop after step `stop_after`
+def train(cfg, stage, resume: Resume | None, stop_after: int | None = None) -> TrainResult:
+    """Run `cfg.train.max_steps` optimizer steps of `stage` on its student engine (or stop after `stop_after`
     steps, or on a stop request), resuming from `resume` (see `find_resume`); checkpoints as `cfg.checkpoint` says."""
-    checkpoints, start = cfg.checkpoint_dir, 0
+    engine, checkpoints, start = stage.student, cfg.checkpoint_dir, 0
     tag = resume.tag if resume else None
     if resume:
         state = load_checkpoint(engine, checkpoints, resume, stage.elastic)
-        stage.restore(state)
+        stage.load_state_dict(state)
         start = state["step"]
     elif rank() == 0:
-        save_student_spec(checkpoints, engine.module.student, tokenizer)
+        save_student_spec(checkpoints, engine.module.student, stage.tokenizer)
     monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every)
     _announce(cfg, stage, tag, monitor)
     if start >= cfg.train.max_steps:
@@ -81,7 +65,7 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
             last,
             cfg.checkpoint.every,
             engine.device,
-            lambda: save_checkpoint(engine, checkpoints, step, stage.rank_state(), cfg.checkpoint.keep),
+            lambda: save_checkpoint(engine, checkpoints, step, stage.state_dict(), cfg.checkpoint.keep),
         ):
             result.stopped = step < cfg.train.max_steps
             break
@@ -90,11 +74,11 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
     return result
 
 
-def _announce(cfg, stage: Stage, resumed_from: str | None, monitor: Monitor) -> None:
+def _announce(cfg, stage, resumed_from: str | None, monitor: Monitor) -> None:
     resolved = json.dumps(config_to_dict(cfg), separators=(",", ":"))
     monitor.text("config", resolved)
     print0(f"codir-ds: config {resolved}")
-    print0(f"codir-ds: {stage.summary}, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"))
+    print0(f"codir-ds: {stage.summary()}, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"))
 
 
 def _require_finite(terms: dict[str, torch.Tensor], step: int, checkpoints) -> None:

@@ -1,6 +1,6 @@
-"""Every loss codir-ds trains with, as pure tensor functions: CoDIR's projection heads and student-anchored
-InfoNCE, logit KD, the task losses of stage 2, and the intermediate-layer baselines (PKD pooled MSE, token MSE,
-cosine)."""
+"""Every loss codir-ds trains with, as pure tensor functions: CoDIR's student-anchored InfoNCE and its
+statistics, logit KD, the task losses of stage 2, and the intermediate-layer baselines (PKD pooled MSE,
+token MSE, cosine). CoDIR's trained heads and negatives live in `objective.py`."""
 
 from __future__ import annotations
 
@@ -10,23 +10,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-
-class ProjectionHeads(nn.Module):
-    """Two linear heads mapping student and teacher features to a shared, L2-normalised space. The heads run
-    in the model's precision; their outputs are normalised in float32 (or float64), whatever that is."""
-
-    def __init__(self, student_dim: int, teacher_dim: int, projection_dim: int = 128):
-        super().__init__()
-        self.student = nn.Linear(student_dim, projection_dim)
-        self.teacher = nn.Linear(teacher_dim, projection_dim)
-
-    def project_student(self, features: torch.Tensor) -> torch.Tensor:
-        return _normalized(self.student(features.to(self.student.weight.dtype)))
-
-    def project_teacher(self, features: torch.Tensor) -> torch.Tensor:
-        return _normalized(self.teacher(features.to(self.teacher.weight.dtype)))
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +17,8 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _normalized(x: torch.Tensor) -> torch.Tensor:
+def normalized_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` scaled to unit length, in float32 at least (the projections contrastive logits compare)."""
     return F.normalize(_at_least_fp32(x), dim=-1)
 
 
@@ -79,11 +63,11 @@ def contrastive_stats(logits: torch.Tensor, positive_index: torch.Tensor, temper
     positive = logits[rows, positive_index]
     negative_mask = torch.isfinite(logits)
     negative_mask[rows, positive_index] = False
-    negatives = logits[negative_mask]
+    negative_sum = torch.where(negative_mask, logits, torch.zeros_like(logits)).sum()  # no boolean indexing: no host sync
     return {
         "top1_accuracy": (logits.argmax(dim=1) == positive_index).float().mean(),
         "positive_similarity": (positive * temperature).float().mean(),
-        "negative_similarity": (negatives * temperature).float().mean(),  # NaN when there are none
+        "negative_similarity": (negative_sum * temperature / negative_mask.sum()).float(),  # NaN when there are none
     }
 
 

@@ -11,8 +11,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from .distributed import mean_over_ranks, print0, rank
-
-LOSS_TERMS = ("total", "mlm", "ce", "kd", "codir", "mse", "mse_tokens", "cosine")
+from .losses import CONTRASTIVE_STATS
 
 
 class Monitor:
@@ -69,8 +68,8 @@ class Monitor:
 
 
 def _scalar_name(term: str) -> str:
-    """TensorBoard name of a step value: `loss/<term>` for loss terms, `codir/<statistic>` for the rest."""
-    return f"loss/{term}" if term in LOSS_TERMS else f"codir/{term}"
+    """TensorBoard name of a step value: `codir/<statistic>` for CoDIR's statistics, `loss/<term>` for loss terms."""
+    return f"codir/{term}" if term in CONTRASTIVE_STATS else f"loss/{term}"
 
 
 def average_terms(micro_steps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -41,14 +41,14 @@ class NegativeQueue:
         self.pointer = (self.pointer + len(features)) % self.length
         self.filled = min(self.length, self.filled + len(features))
 
-    def valid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stored (features, labels, ids) in storage order, without a copy: what the loss needs."""
         return self.features[: self.filled], self.labels[: self.filled], self.ids[: self.filled]
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stored (features, labels, ids), oldest first."""
         if self.filled < self.length:
-            return self.valid()
+            return self.stored()
         order = torch.roll(torch.arange(self.length, device=self.features.device), -self.pointer)
         return self.features[order], self.labels[order], self.ids[order]
 

@@ -125,7 +125,8 @@ def hold_run_folder(folder: Path) -> RunLock:
 
 def open_checkpoints(cfg, identity: dict[str, Any], elastic: bool) -> Resume | None:
     """The checkpoint to resume from, after checking it was written by a run of the same `identity`, on this
-    world size unless `elastic`, and is not past `train.max_steps`; for a fresh start, the folder is made free
+    world size unless `elastic` (then converted to a universal checkpoint where it needs it), and is not past
+    `train.max_steps`; for a fresh start, the folder is made free
     (another run's checkpoints moved aside with `output.overwrite`, else refused) and the identity recorded.
     The stop file a stopped run left is cleared either way."""
     directory = cfg.checkpoint_dir
@@ -158,7 +159,7 @@ def open_checkpoints(cfg, identity: dict[str, Any], elastic: bool) -> Resume | N
         files.write_text(directory / RUN_FILE, json.dumps(record, indent=1))
 
     rank0_first(check)
-    return find_resume(directory, cfg.checkpoint.resume)
+    return find_resume(directory, cfg.checkpoint.resume, convert=elastic)
 
 
 def run_identity(cfg, ds_config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Elastic resume: load a ZeRO-1/2/3 checkpoint written by N ranks on M ranks via DeepSpeed's universal checkpoint.
 
-On a resume whose world size differs from the checkpoint's, `elastic_ds_config` has rank 0 convert the
-checkpoint (`convert_to_universal`) and gives the config to build the engine with; `checkpoint.load_checkpoint`
+On a resume whose world size differs from the checkpoint's, `universal_conversion` has rank 0 convert the
+checkpoint (`convert_to_universal`), the engine is built from `universal_ds_config`, and `checkpoint.load_checkpoint`
 then restores it with `load_universal`. codir-ds's own state (`rank_*.json/.safetensors`) stays in `<dir>/<tag>`: the data
 position and queue are the same on every rank, so rank 0's serves any world size.
 """
@@ -127,12 +127,12 @@ def load_universal(engine, checkpoint_dir: Path, tag: str):
     return engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
 
 
-def elastic_ds_config(checkpoint_dir: Path, resume, ds_config: dict) -> dict:
-    """Prepare a resume on another world size: rank 0 converts a ZeRO checkpoint to a universal one (every rank
-    learns whether that worked) and `resume.universal_tag` names it; returns the DeepSpeed config to build with."""
-    if checkpoint_zero_stage(Path(checkpoint_dir) / resume.tag) == 0:
-        return ds_config  # unpartitioned state: DeepSpeed loads it on any world size
-    print0(f"codir-ds: {resume.tag} was written by {resume.world} ranks, this run has {world_size()}: converting it to a universal checkpoint")
-    rank0_first(lambda: convert_to_universal(Path(checkpoint_dir), resume.tag))
-    resume.universal_tag = universal_tag(resume.tag)
-    return universal_ds_config(ds_config)
+def universal_conversion(checkpoint_dir: Path, tag: str, written_by: int) -> str | None:
+    """For a resume on another world size than the `written_by` ranks that saved `tag`: rank 0 converts a ZeRO
+    checkpoint to a universal one (every rank learns whether that worked); returns its tag, or None for a stage-0
+    checkpoint, which DeepSpeed loads on any world size as it is."""
+    if checkpoint_zero_stage(Path(checkpoint_dir) / tag) == 0:
+        return None
+    print0(f"codir-ds: {tag} was written by {written_by} ranks, this run has {world_size()}: converting it to a universal checkpoint")
+    rank0_first(lambda: convert_to_universal(Path(checkpoint_dir), tag))
+    return universal_tag(tag)

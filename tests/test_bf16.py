@@ -15,7 +15,8 @@ from transformers import AutoModelForMaskedLM
 from codir_ds.config import TrainConfig, load_config
 from codir_ds.ds_config import load_ds_config
 from codir_ds.errors import CodirError
-from codir_ds.losses import ProjectionHeads, contrastive_logits, info_nce, sampled_contrastive_logits
+from codir_ds.losses import contrastive_logits, info_nce, sampled_contrastive_logits
+from codir_ds.objective import ProjectionHeads
 from codir_ds.pretrain.config import PretrainConfig
 from codir_ds.pretrain.run import run_pretraining
 
@@ -58,10 +59,10 @@ def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
     cfg = load_config(PretrainConfig, str(config), {})
     first = run_pretraining(cfg, stop_after=2)
     assert first.student.module.student.dtype == torch.bfloat16
-    assert first.student.module.heads.student.weight.dtype == torch.bfloat16
+    assert first.student.module.codir.heads.student.weight.dtype == torch.bfloat16
     assert {p.dtype for p in first.teacher.module.parameters()} == {torch.bfloat16}
     resumed = run_pretraining(cfg)
-    losses = first.losses + resumed.losses
+    losses = first.history + resumed.history
     assert len(losses) == 3
     assert all(math.isfinite(step[term]) for step in losses for term in ("total", "mlm", "kd", "codir")), losses
 

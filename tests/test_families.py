@@ -20,6 +20,8 @@ from codir_ds.errors import CodirError
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import run_finetuning
 from codir_ds.models import build_student, plan_models
+from codir_ds.negatives import NegativeQueue
+from codir_ds.objective import CodirObjective
 from codir_ds.pretrain.config import PretrainConfig
 from codir_ds.pretrain.modules import LossWeights, StudentWithHeads, TeacherFeatures, masked_lm_logits
 from codir_ds.pretrain.run import run_pretraining
@@ -76,11 +78,11 @@ def test_family_end_to_end(name, family_teachers, news_sample, tmp_path):
     first = run_pretraining(cfg, stop_after=2)
     resumed = run_pretraining(cfg)  # from the step-2 checkpoint: one more step, then the export
     assert first.plan.layer_map == [2, 4]
-    assert [len(first.losses), len(resumed.losses)] == [2, 1]
-    for step in first.losses + resumed.losses:
+    assert [len(first.history), len(resumed.history)] == [2, 1]
+    for step in first.history + resumed.history:
         assert {"mlm", "kd", "codir"} <= step.keys()
         assert all(math.isfinite(step[term]) for term in ("total", "mlm", "kd", "codir")), step
-    assert resumed.losses[0]["kd"] > 0
+    assert resumed.history[0]["kd"] > 0
 
     export = tmp_path / "out/student"
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -99,8 +101,8 @@ def test_family_end_to_end(name, family_teachers, news_sample, tmp_path):
     student = {"init": "checkpoint", "checkpoint": str(export)}
     task_cfg = load_config(FinetuneConfig, str(write_task_config(task_dir, task_teacher, train, dev, student=student, train={"max_steps": 3})), {})
     run = run_finetuning(task_cfg)
-    assert len(run.losses) == 3
-    assert all(math.isfinite(step[term]) for step in run.losses for term in ("total", "ce", "kd", "codir"))
+    assert len(run.history) == 3
+    assert all(math.isfinite(step[term]) for step in run.history for term in ("total", "ce", "kd", "codir"))
     classifier = AutoModelForSequenceClassification.from_pretrained(task_dir / "out/student")
     assert classifier.config.num_hidden_layers == 2
     assert classifier.config.id2label == {0: "neg", 1: "pos"}
@@ -186,10 +188,11 @@ def test_stage1_kd_is_taken_at_masked_positions_only(family_teachers):
             parameter.add_(0.3 * torch.randn_like(parameter))
     input_ids, attention_mask, labels = masked_batch(AutoTokenizer.from_pretrained(teacher_dir), torch.Generator().manual_seed(1))
     features, teacher_logits = TeacherFeatures(teacher, [2, 4], "mean", with_logits=True)(input_ids, attention_mask, labels)
-    weights = LossWeights(mlm=1.0, kd=0.5, kd_temperature=temperature, codir=1.0, temperature=0.07)
-    module = StudentWithHeads(student, features.shape[1], 8, "mean", weights).eval()
+    weights = LossWeights(mlm=1.0, kd=0.5, kd_temperature=temperature, codir=1.0)
+    objective = CodirObjective(2 * student.config.hidden_size, features.shape[1], 8, 0.07, queue=NegativeQueue(0, features.shape[1]))
+    module = StudentWithHeads(student, objective, "mean", weights).eval()
     with torch.no_grad():
-        terms, _ = module(input_ids, attention_mask, labels, features, torch.arange(2), teacher_logits)
+        terms, _ = module(input_ids, attention_mask, labels, features, teacher_logits)
 
         def kd(rows):
             t = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[rows].double() / temperature

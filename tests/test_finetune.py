@@ -37,11 +37,11 @@ def test_cached_teacher_outputs_train_exactly_like_a_live_teacher(tmp_path, task
     live = run_finetuning(config(tmp_path / "live", task_teacher, task, **{"teacher.live": True, "train.lr": 0.003, "train.epochs": 3}))
     assert cached.teacher is None
     assert live.teacher is not None
-    assert len(cached.losses) == len(live.losses) == 36
-    for a, b in zip(cached.losses, live.losses):
+    assert len(cached.history) == len(live.history) == 36
+    for a, b in zip(cached.history, live.history):
         assert a.keys() == b.keys() == {"total", "ce", "kd", "codir", "top1_accuracy", "positive_similarity", "negative_similarity"}
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    codir = [step["codir"] for step in cached.losses]
+    codir = [step["codir"] for step in cached.history]
     assert sum(codir[-6:]) < 0.6 * sum(codir[:6])  # the student learns to pick its teacher feature
     assert cached.evals[-1]["metrics"] == live.evals[-1]["metrics"]
 
@@ -52,9 +52,9 @@ def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
     cfg = config(tmp_path, teacher, (train, dev), **{"task.regression": True, "codir.negatives": "queue", "train.epochs": 2})
     run = run_finetuning(cfg)
     assert run.task.metrics == ("pearson", "spearman")
-    assert run.queue.filled == 32
+    assert run.objective.queue.filled == 32
     assert run.bank is None
-    assert run.losses[-1]["ce"] < run.losses[0]["ce"]  # the MSE on the score falls
+    assert run.history[-1]["ce"] < run.history[0]["ce"]  # the MSE on the score falls
     results = json.loads((tmp_path / "out/student/eval_results.json").read_text())
     assert set(results["best"]["metrics"]["dev"]) == {"pearson", "spearman"}
     exported = AutoConfig.from_pretrained(tmp_path / "out/student")
@@ -71,8 +71,8 @@ def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path,
     )
     teacher_dir = tmp_path / "t/out/teacher"
     assert teacher_run.teacher is None
-    assert "kd" not in teacher_run.losses[0]
-    assert "codir" not in teacher_run.losses[0]
+    assert "kd" not in teacher_run.history[0]
+    assert "codir" not in teacher_run.history[0]
     assert teacher_run.best["score"] >= 0.8  # the task is learnable: the teacher gets most of the dev set right
 
     stage1 = save_tiny_model(tmp_path / "stage1", layers=2, mlm_head=True, seed=3)  # a stage-1 export stands in
@@ -158,7 +158,7 @@ def test_baseline_intermediate_losses_train_through_the_same_loop(tmp_path, task
         config(tmp_path, task_teacher, task, **{"loss.intermediate": intermediate, "loss.beta": 10.0, "train.epochs": 2, "train.lr": 0.003})
     )
     assert (run.teacher is not None) == teacher_kept
-    assert run.student.module.heads is None
-    values = [step[intermediate] for step in run.losses]
-    assert "codir" not in run.losses[0]
+    assert run.student.module.codir is None
+    values = [step[intermediate] for step in run.history]
+    assert "codir" not in run.history[0]
     assert sum(values[-4:]) < sum(values[:4])

@@ -7,8 +7,8 @@ from transformers import AutoModelForSequenceClassification
 
 from codir_ds.errors import CodirError
 from codir_ds.finetune.data import padded_shards
-from codir_ds.finetune.memory_bank import MemoryBank, fill_memory_bank
 from codir_ds.finetune.modules import TeacherTaskOutputs
+from codir_ds.memory_bank import MemoryBank, fill_memory_bank
 
 
 def bank_with(labels, regression=False):

@@ -24,7 +24,7 @@ def test_fifo_order_and_wraparound_with_uneven_batches():
     assert queue.contents()[0][:, 0].tolist() == [3, 4, 5, 6, 7]
     queue.enqueue(rows(8, 7))  # more than K at once keeps the newest K
     assert queue.contents()[0][:, 0].tolist() == [10, 11, 12, 13, 14]
-    assert sorted(queue.valid()[0][:, 0].tolist()) == [10, 11, 12, 13, 14]
+    assert sorted(queue.stored()[0][:, 0].tolist()) == [10, 11, 12, 13, 14]
 
 
 def test_labels_and_example_ids_travel_with_features():

@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codir_ds.losses import ProjectionHeads, contrastive_logits, contrastive_stats, info_nce, pooled_mse, token_cosine, token_mse
+from codir_ds.losses import CONTRASTIVE_STATS, contrastive_logits, contrastive_stats, info_nce, pooled_mse, token_cosine, token_mse
+from codir_ds.memory_bank import MemoryBank
+from codir_ds.negatives import NegativeQueue
+from codir_ds.objective import CodirObjective, ProjectionHeads
 
 
-def reference_info_nce(anchors, candidates, positives, tau, anchor_labels=None, candidate_labels=None):
+def reference_info_nce(anchors, candidates, positives, tau, anchor_labels=None, candidate_labels=None, anchor_ids=None, candidate_ids=None):
     """-log(exp(s_pos/tau) / (exp(s_pos/tau) + sum over allowed negatives exp(s_neg/tau))), averaged, by loops."""
     total = 0.0
     for i in range(anchors.shape[0]):
@@ -19,6 +22,8 @@ def reference_info_nce(anchors, candidates, positives, tau, anchor_labels=None, 
             if j == positives[i]:
                 continue
             if anchor_labels is not None and candidate_labels[j] == anchor_labels[i]:
+                continue
+            if anchor_ids is not None and candidate_ids[j] == anchor_ids[i]:
                 continue
             denominator = denominator + torch.exp(anchors[i] @ candidates[j] / tau)
         total = total - torch.log(pos / denominator)
@@ -120,3 +125,51 @@ def test_baseline_intermediate_losses_match_their_definitions():
     picked_t = torch.stack([states_t[b, layer, t] for b, layer, t in real])
     reference = F.cosine_embedding_loss(picked_s, picked_t, torch.ones(len(real)))
     assert torch.allclose(token_cosine(states_s, states_t, mask), reference, rtol=1e-5)
+
+
+def test_objective_contrasts_each_step_with_the_rows_of_earlier_steps():
+    """Queue mode, one rank: step 1 sees its own batch only; step 2 its batch then step 1's rows, the same-label
+    ones masked when labels are given, the anchor's own example masked by id; the loss equals the loop reference."""
+    torch.manual_seed(0)
+    objective = CodirObjective(student_dim=6, teacher_dim=10, projection_dim=4, contrastive_temperature=0.2, queue=NegativeQueue(8, 10)).double()
+    objective.queue.features = objective.queue.features.double()
+    project_s, project_t = objective.heads.project_student, objective.heads.project_teacher
+    s1, t1, s2, t2 = (torch.randn(n, d, dtype=torch.float64) for n, d in ((3, 6), (3, 10), (2, 6), (2, 10)))
+    labels1, labels2, ids1, ids2 = torch.tensor([0, 1, 1]), torch.tensor([1, 0]), torch.tensor([10, 11, 12]), torch.tensor([10, 13])
+
+    loss1, stats1 = objective(s1, t1, labels1, ids1)
+    assert objective.queue.filled == 0  # step 1's rows wait for its backward
+    torch.testing.assert_close(loss1, reference_info_nce(project_s(s1), project_t(t1), torch.arange(3), 0.2, labels1, labels1))
+    loss2, _ = objective(s2, t2, labels2, ids2)
+    assert objective.queue.filled == 3
+    torch.testing.assert_close(objective.queue.stored()[0], t1)
+
+    # anchor 0 (id 10) also meets its own example, of another label, among step 1's rows: masked by its id
+    candidates, candidate_labels, candidate_ids = project_t(torch.cat([t2, t1])), torch.cat([labels2, labels1]), torch.cat([ids2, ids1])
+    reference = reference_info_nce(project_s(s2), candidates, torch.arange(2), 0.2, labels2, candidate_labels, ids2, candidate_ids)
+    torch.testing.assert_close(loss2, reference)
+    assert not torch.isclose(reference, reference_info_nce(project_s(s2), candidates, torch.arange(2), 0.2, labels2, candidate_labels))
+    assert set(stats1) == set(CONTRASTIVE_STATS)
+    assert objective.negatives_state()["queue"]["filled"] == 5  # a checkpoint holds step 2's rows too
+
+
+def test_objective_with_a_bank_draws_negatives_of_another_label():
+    torch.manual_seed(0)
+    features, labels = torch.randn(12, 10), torch.tensor([0, 1] * 6)
+    bank = MemoryBank(features, torch.zeros(12, 2), labels, regression=False)
+    sampler = torch.Generator().manual_seed(3)
+    objective = CodirObjective(6, 10, 4, 0.1, bank=bank, num_negatives=5, sampler=sampler)
+    ids = torch.tensor([0, 3])
+    anchors = torch.randn(2, 6)
+    loss, stats = objective(anchors, features[ids], labels[ids], ids)
+
+    rows = bank.sample_negatives(ids, labels[ids], 5, torch.Generator().manual_seed(3))
+    assert (labels[rows] != labels[ids].unsqueeze(1)).all()
+    a, p, n = (
+        objective.heads.project_student(anchors),
+        objective.heads.project_teacher(features[ids]),
+        objective.heads.project_teacher(features[rows]),
+    )
+    logits = torch.cat([(a * p).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", a, n)], dim=1) / 0.1
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(2, dtype=torch.long)))
+    assert objective.negatives_state()["sampler"].equal(sampler.get_state())

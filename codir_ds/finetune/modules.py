@@ -1,4 +1,4 @@
-"""Stage-2 modules DeepSpeed wraps: the finetuned teacher's outputs, and the classifier student with its CoDIR heads."""
+"""Stage-2 modules: the finetuned teacher's outputs, and the classifier student with its CoDIR objective."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..losses import (
-    INTERMEDIATE_LOSSES,
-    ProjectionHeads,
-    contrastive_logits,
-    info_nce,
-    sampled_contrastive_logits,
-    task_kd,
-    task_loss,
-)
+from ..losses import INTERMEDIATE_LOSSES, task_kd, task_loss
+from ..objective import CodirObjective
 from ..representations import layer_features
 
 
@@ -41,85 +34,55 @@ class TaskLossWeights:
     alpha: float  # mixes KD into CE
     kd_temperature: float
     beta: float  # weight of the intermediate-layer loss
-    temperature: float  # InfoNCE tau
     regression: bool
     intermediate: str = "codir"  # a name in INTERMEDIATE_LOSSES
 
 
 class ClassifierWithHeads(nn.Module):
     """The sequence-classification student plus what its intermediate loss trains beside it (dropped at
-    export): CoDIR's projection heads, or for the L2/cosine baselines a linear map to the teacher's width
-    when the widths differ."""
+    export): the CoDIR objective's projection heads, or for the L2/cosine baselines a linear map to the
+    teacher's width when the widths differ."""
 
-    def __init__(self, student: PreTrainedModel, teacher_feature_dim: int, projection_dim: int, pooling: str, weights: TaskLossWeights):
+    def __init__(self, student: PreTrainedModel, codir: CodirObjective | None, teacher_feature_dim: int, pooling: str, weights: TaskLossWeights):
         super().__init__()
-        self.student = student
+        self.student, self.codir = student, codir
         layers, width = student.config.num_hidden_layers, student.config.hidden_size
         self.intermediate = INTERMEDIATE_LOSSES[weights.intermediate] if weights.beta > 0 else None
-        contrastive = self.intermediate is not None and self.intermediate.compare is None
-        self.heads = ProjectionHeads(layers * width, teacher_feature_dim, projection_dim) if contrastive else None
-        teacher_width = teacher_feature_dim // layers
-        regression_to_teacher = self.intermediate is not None and not contrastive and width != teacher_width
-        self.to_teacher_width = nn.Linear(width, teacher_width, bias=False) if regression_to_teacher else nn.Identity()
+        regression_to_teacher = self.intermediate is not None and codir is None and width != teacher_feature_dim // layers
+        self.to_teacher_width = nn.Linear(width, teacher_feature_dim // layers, bias=False) if regression_to_teacher else nn.Identity()
         self.pooling, self.weights, self.layers = pooling, weights, list(range(1, layers + 1))
 
     def predict(self, input_ids, attention_mask, token_type_ids=None):
         """Task logits (evaluation)."""
         return self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
-    def forward(self, input_ids, attention_mask, labels, token_type_ids=None, teacher_logits=None, target: dict | None = None):
-        """Loss terms (`total` first) and, for CoDIR, (contrastive logits, positive index).
+    def forward(
+        self, input_ids, attention_mask, labels, ids, token_type_ids=None, teacher_logits=None, teacher_features=None, teacher_states=None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Loss terms (`total` first) and CoDIR's statistics (empty without CoDIR) for one micro-batch.
 
-        `target` is what the intermediate loss compares with, all pre-projection teacher values: for CoDIR
-        either per-anchor bank negatives {`positives` [B, F], `negatives` [B, K, F]} or shared queue candidates
-        {`candidates` [C, F], `positive_index`, optional `candidate_labels` to mask same-label rows and `anchor_ids`,
-        `candidate_ids` to mask the anchor's own example}; for `mse`
-        {`positives`}; for the token-level baselines {`states`} [B, layers, seq, dim].
+        `teacher_features` are the teacher's pooled mapped layers of the same examples (CoDIR's positives, the
+        `mse` baseline's targets), `teacher_states` its token states [B, layers, seq, dim] (token-level baselines);
+        `ids` are the examples' ids, which CoDIR uses to draw and mask negatives.
         """
         out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, output_hidden_states=True)
         w = self.weights
         terms = {"ce": task_loss(out.logits, labels, w.regression)}
         if teacher_logits is not None and w.alpha > 0:
             terms["kd"] = task_kd(out.logits, teacher_logits, w.kd_temperature, w.regression)
-        logits = None
-        if self.intermediate is not None and self.intermediate.compare is not None:
-            terms[w.intermediate] = self._regression_loss(out.hidden_states, attention_mask, target)
+        stats = {}
+        if self.codir is not None:
+            pooled = layer_features(out.hidden_states, self.layers, attention_mask, self.pooling)
+            terms["codir"], stats = self.codir(pooled, teacher_features, None if w.regression else labels, ids)
         elif self.intermediate is not None:
-            logits = self._contrastive_logits(out.hidden_states, attention_mask, labels, **target)
-            terms["codir"] = info_nce(*logits)
+            terms[w.intermediate] = self._regression_loss(out.hidden_states, attention_mask, teacher_features, teacher_states)
         total = (1 - w.alpha) * terms["ce"] + w.alpha * terms.get("kd", 0.0) + w.beta * terms.get(w.intermediate, 0.0)
-        return {"total": total, **terms}, logits
+        return {"total": total, **terms}, stats
 
-    def _regression_loss(self, hidden_states, attention_mask, target: dict) -> torch.Tensor:
+    def _regression_loss(self, hidden_states, attention_mask, teacher_features, teacher_states) -> torch.Tensor:
         """A baseline: the student's states (mapped to the teacher's width) against the teacher's."""
         if self.intermediate.teacher_input == "tokens":
             states = self.to_teacher_width(torch.stack([hidden_states[layer] for layer in self.layers], dim=1))
-            return self.intermediate.compare(states, target["states"], attention_mask)
+            return self.intermediate.compare(states, teacher_states, attention_mask)
         pooled = layer_features(hidden_states, self.layers, attention_mask, self.pooling).unflatten(-1, (len(self.layers), -1))
-        return self.intermediate.compare(self.to_teacher_width(pooled), target["positives"].unflatten(-1, (len(self.layers), -1)))
-
-    def _contrastive_logits(
-        self,
-        hidden_states,
-        attention_mask,
-        labels,
-        positives=None,
-        negatives=None,
-        candidates=None,
-        positive_index=None,
-        candidate_labels=None,
-        anchor_ids=None,
-        candidate_ids=None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        anchors = self.heads.project_student(layer_features(hidden_states, self.layers, attention_mask, self.pooling))
-        if negatives is not None:
-            logits = sampled_contrastive_logits(
-                anchors, self.heads.project_teacher(positives), self.heads.project_teacher(negatives), self.weights.temperature
-            )
-            return logits, torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
-        anchor_labels = None if candidate_labels is None else labels
-        candidates = self.heads.project_teacher(candidates)
-        logits = contrastive_logits(
-            anchors, candidates, positive_index, self.weights.temperature, anchor_labels, candidate_labels, anchor_ids, candidate_ids
-        )
-        return logits, positive_index
+        return self.intermediate.compare(self.to_teacher_width(pooled), teacher_features.unflatten(-1, (len(self.layers), -1)))

@@ -275,14 +275,15 @@ class MicroBatches(Dataset):
         if not 0 <= rank < world_size:
             raise CodirError(f"rank {rank} is not in [0, {world_size})")
         self.corpus, self.seed, self.mlm_probability = corpus, seed, mlm_probability
-        self.b, self.a, self.w, self.r = micro_batch_size, gradient_accumulation_steps, world_size, rank
+        self.micro_batch_size, self.accumulation_steps, self.world_size, self.rank = micro_batch_size, gradient_accumulation_steps, world_size, rank
         self._chunk: tuple[int, np.ndarray] = (-1, np.empty(0))
 
     def sample_indices(self, j) -> np.ndarray:
         """The global sample indices of micro-batch j, [b] (or [len(j), b] for an array of j)."""
-        step, micro = np.divmod(np.asarray(j, dtype=np.int64), self.a)
-        first = step * self.b * self.a * self.w + (micro * self.w + self.r) * self.b
-        return first[..., None] + np.arange(self.b, dtype=np.int64)
+        b, a, w = self.micro_batch_size, self.accumulation_steps, self.world_size
+        step, micro = np.divmod(np.asarray(j, dtype=np.int64), a)
+        first = step * b * a * w + (micro * w + self.rank) * b
+        return first[..., None] + np.arange(b, dtype=np.int64)
 
     def block_ids(self, j: int) -> np.ndarray:
         """The block ids of micro-batch j. Computed for _CHUNK micro-batches at once: numpy's per-call

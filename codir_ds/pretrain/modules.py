@@ -1,4 +1,4 @@
-"""The modules DeepSpeed wraps: the frozen teacher's feature extractor and the student with its CoDIR heads."""
+"""The modules of stage 1: the frozen teacher's feature extractor and the student with its CoDIR objective."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..encoders import mlm_logits
-from ..losses import ProjectionHeads, contrastive_logits, info_nce, logit_kd
+from ..losses import logit_kd
+from ..objective import CodirObjective
 from ..representations import layer_features
 
 
@@ -44,29 +45,25 @@ class TeacherFeatures(nn.Module):
 
 @dataclass
 class LossWeights:
+    """L = mlm * MLM + kd * KD + codir * CoDIR (the `loss.*` keys)."""
+
     mlm: float
     kd: float
     kd_temperature: float
     codir: float
-    temperature: float  # InfoNCE tau
 
 
 class StudentWithHeads(nn.Module):
-    """The trainable part: the masked-LM student plus the two projection heads (dropped at export)."""
+    """The trainable part: the masked-LM student plus the CoDIR objective's projection heads (dropped at export)."""
 
-    def __init__(self, student: PreTrainedModel, teacher_feature_dim: int, projection_dim: int, pooling: str, weights: LossWeights):
+    def __init__(self, student: PreTrainedModel, codir: CodirObjective, pooling: str, weights: LossWeights):
         super().__init__()
-        self.student = student
-        layers = student.config.num_hidden_layers
-        self.heads = ProjectionHeads(layers * student.config.hidden_size, teacher_feature_dim, projection_dim)
-        self.pooling, self.weights, self.layers = pooling, weights, list(range(1, layers + 1))
+        self.student, self.codir = student, codir
+        self.pooling, self.weights, self.layers = pooling, weights, list(range(1, student.config.num_hidden_layers + 1))
 
-    def forward(self, input_ids, attention_mask, labels, candidates, positive_index, teacher_logits=None):
-        """Loss terms (`total` first) and the contrastive logits, for one micro-batch.
-
-        `candidates` are pre-projection teacher features: the all-gathered global batch then the queue;
-        row `positive_index[i]` is sample i's own teacher feature.
-        """
+    def forward(self, input_ids, attention_mask, labels, teacher_features, teacher_logits=None):
+        """Loss terms (`total` first) and CoDIR's statistics for one micro-batch; `teacher_features` are this rank's
+        pooled teacher features of the same samples, `teacher_logits` the teacher's at masked positions."""
         out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         positions = masked_positions(labels)
         student_logits = masked_lm_logits(self.student, out.last_hidden_state, positions)
@@ -74,9 +71,7 @@ class StudentWithHeads(nn.Module):
         terms = {"mlm": F.cross_entropy(student_logits.float(), masked, reduction="sum") / max(len(masked), 1)}
         if teacher_logits is not None and self.weights.kd > 0:
             terms["kd"] = logit_kd(student_logits, teacher_logits, self.weights.kd_temperature)
-        anchors = self.heads.project_student(layer_features(out.hidden_states, self.layers, attention_mask, self.pooling))
-        logits = contrastive_logits(anchors, self.heads.project_teacher(candidates), positive_index, self.weights.temperature)
-        terms["codir"] = info_nce(logits, positive_index)
-        weight = {"mlm": self.weights.mlm, "kd": self.weights.kd, "codir": self.weights.codir}
-        total = sum(weight[name] * value for name, value in terms.items())
-        return {"total": total, **terms}, logits.detach()
+        terms["codir"], stats = self.codir(layer_features(out.hidden_states, self.layers, attention_mask, self.pooling), teacher_features)
+        w = self.weights
+        total = w.mlm * terms["mlm"] + w.kd * terms.get("kd", 0.0) + w.codir * terms["codir"]
+        return {"total": total, **terms}, stats

@@ -16,7 +16,7 @@ from codir_ds.finetune.run import run_finetuning
 def main(config: str, out: str, local_rank: int = 0, **overrides):
     cfg = load_config(FinetuneConfig, config, overrides)
     run = run_finetuning(cfg)
-    facts = {"losses": run.losses, "evals": run.evals, "best": run.best, "steps": run.cfg.train.max_steps}
+    facts = {"losses": run.history, "evals": run.evals, "best": run.best, "steps": run.cfg.train.max_steps}
     if run.bank is not None:  # the bank against a fresh, plain forward of the teacher over the whole train set
         teacher = AutoModelForSequenceClassification.from_pretrained(cfg.teacher.path).eval()
         batch = collate(run.data.train, list(range(len(run.data.train))), run.batches.tokenizer)
@@ -27,9 +27,9 @@ def main(config: str, out: str, local_rank: int = 0, **overrides):
         facts["bank_feature_error"] = (run.bank.features.cpu() - torch.cat(layers, dim=1)).abs().max().item()
         facts["bank_logit_error"] = (run.bank.logits.cpu() - fresh.logits).abs().max().item()
         facts["bank_sum"] = run.bank.features.double().sum().item()
-    if run.queue is not None:
-        facts["queue_sum"] = run.queue.contents()[0].double().sum().item()
-        facts["queue_labels"] = run.queue.contents()[1].tolist()
+    if run.objective is not None and run.objective.queue is not None:
+        facts["queue_sum"] = run.objective.queue.contents()[0].double().sum().item()
+        facts["queue_labels"] = run.objective.queue.contents()[1].tolist()
     with open(f"{out}/rank{rank()}.json", "w") as handle:
         json.dump(facts, handle)
     shutdown()

@@ -24,14 +24,14 @@ def main(config: str, out: str, stop_after: int | None = None, probe: list | Non
     with deepspeed.zero.GatheredParameters(list(params.values())):
         drift = max((params[name] - stored(name)).abs().max().item() for name in params)
     facts = {
-        "losses": run.losses,
+        "losses": run.history,
         "teacher_total": sum(getattr(p, "ds_numel", p.numel()) for p in params.values()),
         "teacher_here": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params.values()),
         "teacher_drift": drift,
         "teacher_trainable": any(p.requires_grad for p in params.values()),
         "teacher_training_mode": teacher.training,
-        "queue_sum": run.queue.contents()[0].double().sum().item(),
-        "queue_filled": run.queue.filled,
+        "queue_sum": run.objective.queue.contents()[0].double().sum().item(),
+        "queue_filled": run.objective.queue.filled,
         "samples": list(loaded),  # global sample indices of each micro-batch this rank loaded, in order (data.num_workers=0)
         "first_mask": run.data[0]["labels"].ne(-100).tolist(),  # where this rank's first micro-batch is masked
     }

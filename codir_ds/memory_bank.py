@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import CodirError
+from .errors import CodirError
 
 
 class MemoryBank:
@@ -32,14 +32,14 @@ class MemoryBank:
     def __len__(self) -> int:
         return len(self.features)
 
-    def sample_negatives(self, idx: torch.Tensor, labels: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_negatives(self, idx: torch.Tensor, labels: torch.Tensor | None, count: int, generator: torch.Generator) -> torch.Tensor:
         """Bank rows [batch, count] to contrast each anchor against, drawn uniformly with replacement:
         rows of a different label for classification; any row but the anchor's own for regression."""
-        idx, labels = idx.cpu(), labels.cpu()
+        idx = idx.cpu()
         if self.regression:
             draws = torch.randint(len(self) - 1, (len(idx), count), generator=generator)
             return draws + (draws >= idx.unsqueeze(1)).long()  # skip the anchor's own row
-        rows = torch.empty(len(idx), count, dtype=torch.long)
+        rows, labels = torch.empty(len(idx), count, dtype=torch.long), labels.cpu()
         for label in labels.unique().tolist():
             anchors = labels == label
             others = self._others[label]
