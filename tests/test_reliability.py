@@ -17,7 +17,7 @@ from helpers import write_tokenizer
 from safetensors.torch import save_file
 
 from codir_ds import files
-from codir_ds.checkpoint import _prune, find_resume
+from codir_ds.checkpoint import _prune, find_resume, load_checkpoint
 from codir_ds.config import TrainConfig, load_config
 from codir_ds.ds_config import load_ds_config
 from codir_ds.errors import CodirError
@@ -110,6 +110,18 @@ def test_a_deleted_rank_file_is_incomplete_not_zero_ranks(tmp_path):
     assert str(caught.value) == (
         f"checkpoint {tmp_path / 'step_6'} is incomplete (no rank_1.json/.safetensors); resume from step_3, the newest "
         "complete checkpoint, with --checkpoint.resume=step_3"
+    )
+
+
+def test_a_truncated_state_file_is_corrupt_and_names_what_to_resume_from(tmp_path):
+    checkpoint(tmp_path, "step_3", 3)
+    state = checkpoint(tmp_path, "step_6", 6) / "rank_0.safetensors"
+    state.write_bytes(state.read_bytes()[:60])  # truncated on disk
+    with pytest.raises(CodirError) as caught:
+        load_checkpoint(None, tmp_path, find_resume(tmp_path, "step_6"))  # fails before the engine is touched
+    assert str(caught.value) == (
+        f"corrupt checkpoint {tmp_path / 'step_6'}: rank_0.safetensors: SafetensorError: Error while deserializing header: invalid header length; "
+        "resume from step_3, the newest complete checkpoint, with --checkpoint.resume=step_3"
     )
 
 
