@@ -121,10 +121,14 @@ def test_errors_for_a_wrong_teacher_or_task(tmp_path, task, task_teacher, tiny_t
     assert finetune_error(path, **{"teacher.path": str(tiny_teacher)}) == (
         f"teacher.path: {tiny_teacher} has no classification head: finetune it on the task first (deepspeed launch/finetune.py teacher --config ...)"
     )
-    assert finetune_error(path, **{"task.labels": ["a", "b", "c"]}).startswith("task: ")
+    assert finetune_error(path, **{"task.labels": ["a", "b", "c"]}) == (
+        f"task: {task[0]} has labels ['neg', 'pos'] that are not among the task's labels ['a', 'b', 'c']"
+    )
     three_way = save_task_teacher(tmp_path / "three", num_labels=3)
     assert finetune_error(path, **{"teacher.path": str(three_way)}) == "teacher.path: the teacher predicts 3 labels, task custom has 2"
-    assert finetune_error(path, **{"task.text_columns": ["review"]}).startswith("task.text_columns: no column 'review'")
+    assert finetune_error(path, **{"task.text_columns": ["review"]}) == (
+        f"task.text_columns: no column 'review' in {task[0]}; its columns are ['text', 'label']"
+    )
     assert one_line_error(finetune(path, "student")) == "unknown finetune command 'student'; use 'distill' (the default) or 'teacher'"
 
 
