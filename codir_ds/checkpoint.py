@@ -143,7 +143,10 @@ def load_checkpoint(engine, directory: Path, resume: Resume, elastic: bool = Fal
     folder = directory / resume.tag
     if not elastic:
         resume.require_same_world(directory)
-    state = load_state(folder / f"rank_{0 if resume.elastic else rank()}")
+    try:
+        state = load_state(folder / f"rank_{0 if resume.elastic else rank()}")
+    except CodirError as err:  # a damaged state file: say what to resume from instead
+        raise CodirError(f"{err}{_advice(directory, exclude=resume.tag)}") from None
     try:
         if resume.universal_tag:
             path, _ = load_universal(engine, directory, resume.universal_tag)

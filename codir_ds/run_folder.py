@@ -49,6 +49,9 @@ NOT_IDENTITY = (  # settings that do not change what is trained (dotted keys, or
 )
 MODEL_KEYS = ("teacher.path", "student.checkpoint", "student.config_path")  # enter as digests of their files
 MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.model", "vocab*", "tokenizer*", "merges.txt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 64 * 2**10  # a weight file enters the identity through 4 MiB of its content
+SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # the largest header the safetensors format allows
 
 
 class RunLock:
@@ -173,17 +176,34 @@ def run_identity(cfg, ds_config: dict[str, Any], extra: dict[str, Any]) -> dict[
 
 
 def model_digest(path: str) -> str:
-    """A short digest of a model folder: its config and tokenizer files' contents, its weight files' names and sizes
-    (a path that is not a folder, e.g. a hub name, is its own digest)."""
+    """A short digest of a model folder: its config and tokenizer files' contents, and its weight files' sizes and
+    contents through `weight_sample` (a path that is not a folder, e.g. a hub name, is its own digest)."""
     folder = Path(path)
     if not folder.is_dir():
         return path
     digest = hashlib.sha256()
     for pattern in MODEL_FILES:
         for file in sorted(folder.glob(pattern)):
-            small = file.stat().st_size < 4 * 2**20
-            digest.update(f"{file.name} {file.stat().st_size}\n".encode() + (file.read_bytes() if small else b""))
+            weights = file.suffix in WEIGHT_SUFFIXES
+            digest.update(f"{file.name} {file.stat().st_size}\n".encode() + (weight_sample(file) if weights else file.read_bytes()))
     return f"{path} ({digest.hexdigest()[:12]})"
+
+
+def weight_sample(file: Path) -> bytes:
+    """A weight file's content at a bounded cost: the whole file up to `SAMPLE_BLOCKS` blocks, else its safetensors
+    header (every tensor's name, dtype, shape and offset) and `SAMPLE_BLOCKS` blocks spread evenly from its first
+    byte to its last. Retrained or swapped weights change every block."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
+            return handle.read()
+        parts = []
+        if file.suffix == ".safetensors":
+            parts.append(handle.read(min(int.from_bytes(handle.read(8), "little"), SAFETENSORS_HEADER_LIMIT)))
+        for block in range(SAMPLE_BLOCKS):
+            handle.seek(block * (size - SAMPLE_BLOCK_BYTES) // (SAMPLE_BLOCKS - 1))
+            parts.append(handle.read(SAMPLE_BLOCK_BYTES))
+    return b"".join(parts)
 
 
 def deepspeed_identity(ds_config: dict[str, Any]) -> dict[str, Any]:
@@ -237,16 +257,24 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _is_digest(value: Any) -> bool:
+    """Whether `value` is a `model_digest` of a folder: `<path> (<digest>)`."""
+    return isinstance(value, str) and value.endswith(")") and " (" in value
+
+
 def _canonical(value: Any) -> Any:
     """Model digests compare by content, not by the folder's path."""
-    if isinstance(value, str) and value.endswith(")") and " (" in value:
+    if _is_digest(value):
         return value.rsplit(" (", 1)[1]
     return json.loads(json.dumps(value))  # tuples and lists alike
 
 
 def _short(value: Any) -> str:
+    """At most 60 characters; a model digest keeps its end, where the digest is."""
     text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
+    if len(text) <= 60:
+        return text
+    return "..." + text[-57:] if _is_digest(value) else text[:57] + "..."
 
 
 def _holder() -> dict[str, Any]:

@@ -7,6 +7,7 @@ codir-ds (DeepSpeed's own engine files are still pickles: see the README).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,8 @@ def save_state(state: dict[str, Any], stem: Path) -> None:
 
 def load_state(stem: Path) -> dict[str, Any]:
     """Read what `save_state` wrote (tuples come back as lists); `CodirError` if either file is missing or damaged."""
-    try:
-        structure = json.loads(stem.with_suffix(".json").read_text())
-        tensors = load_file(str(stem.with_suffix(".safetensors")))
-    except Exception as err:  # missing, truncated, not JSON / safetensors (safetensors has its own error type)
-        raise CodirError(f"corrupt checkpoint {stem.parent}: {stem.name}: {type(err).__name__}: {error_line(err, limit=160)}") from None
+    structure = _read(stem.with_suffix(".json"), lambda path: json.loads(path.read_text()))
+    tensors = _read(stem.with_suffix(".safetensors"), lambda path: load_file(str(path)))
 
     def decode(value: Any) -> Any:
         if isinstance(value, dict):
@@ -65,3 +63,10 @@ def load_state(stem: Path) -> dict[str, Any]:
         return decode(structure)
     except KeyError as err:
         raise CodirError(f"corrupt checkpoint {stem.parent}: {stem.name}: tensor {err} is missing") from None
+
+
+def _read(path: Path, read: Callable[[Path], Any]) -> Any:
+    try:
+        return read(path)
+    except Exception as err:  # missing, truncated, not JSON / safetensors (safetensors has its own error type)
+        raise CodirError(f"corrupt checkpoint {path.parent}: {path.name}: {type(err).__name__}: {error_line(err, limit=160)}") from None

@@ -164,6 +164,22 @@ def save_task_teacher(folder: Path, layers: int = 4, num_labels: int = 2, seed: 
     return folder
 
 
+def plain_accuracy(export: Path, dev_file: Path, max_length: int = 24) -> float:
+    """The dev accuracy of an exported classifier, scored by plain transformers in a process where codir_ds cannot be imported."""
+    script = (
+        "import sys, csv, torch; sys.modules['codir_ds'] = None\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"model, tok = AutoModelForSequenceClassification.from_pretrained('{export}').eval(), AutoTokenizer.from_pretrained('{export}')\n"
+        f"rows = list(csv.DictReader(open('{dev_file}')))\n"
+        f"enc = tok([r['text'] for r in rows], padding=True, truncation=True, max_length={max_length}, return_tensors='pt')\n"
+        "pred = model(**enc).logits.argmax(-1).tolist()\n"
+        "print(sum(model.config.id2label[p] == r['label'] for p, r in zip(pred, rows)) / len(rows))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    return float(loaded.stdout.strip().splitlines()[-1])
+
+
 def write_task_config(folder: Path, teacher: Path, train_file: Path, dev_file: Path, **sections) -> Path:
     raw = {
         "task": {"name": "custom", "train_file": str(train_file), "dev_files": [str(dev_file)], "max_seq_length": 24},

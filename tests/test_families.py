@@ -1,12 +1,14 @@
 """Each encoder family end to end, in one process: stage 1 with logit KD from its masked-LM teacher, a student
-initialised from teacher layers, a resume, the export loaded by plain transformers, then stage 2 from that
-export. The fixtures are tiny real models with tokenizers trained on the embedded corpus (tests/families.py)."""
+initialised from teacher layers, a resume equal to the uninterrupted run, the export loaded by plain transformers,
+then stage 2 from that export. The fixtures are tiny real models with tokenizers trained on the embedded corpus (tests/families.py)."""
 
 from __future__ import annotations
 
 import math
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,15 +20,13 @@ from transformers import AlbertConfig, AutoModelForMaskedLM, AutoModelForSequenc
 from codir_ds.config import load_config
 from codir_ds.errors import CodirError
 from codir_ds.finetune.config import FinetuneConfig
-from codir_ds.finetune.run import run_finetuning
+from codir_ds.finetune.run import FinetuneStage, run_finetuning
 from codir_ds.models import build_student, plan_models
 from codir_ds.negatives import NegativeQueue
 from codir_ds.objective import CodirObjective
 from codir_ds.pretrain.config import PretrainConfig
 from codir_ds.pretrain.modules import LossWeights, StudentWithHeads, TeacherFeatures, masked_lm_logits
-from codir_ds.pretrain.run import run_pretraining
-
-EXPORTS: dict[str, tuple] = {}  # family -> (stage-1 export, stage-2 export), filled by test_family_end_to_end
+from codir_ds.pretrain.run import PretrainStage, run_pretraining
 
 
 @pytest.fixture(scope="session")
@@ -69,56 +69,84 @@ def assert_copied_from_teacher(name, teacher, cfg):
         assert plan.student_config.layer_types == [plan.teacher_config.layer_types[m - 1] for m in plan.layer_map]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_family_end_to_end(name, family_teachers, news_sample, tmp_path):
-    teacher = family_teachers[name]
-    cfg = stage1_config(tmp_path, teacher, news_sample)
-    assert_copied_from_teacher(name, teacher, cfg)
+@dataclass
+class FamilyRuns:
+    """One family through both stages: stage 1 for 3 steps, stage 1 again from its step-2 checkpoint, then stage 2."""
 
-    first = run_pretraining(cfg, stop_after=2)
-    resumed = run_pretraining(cfg)  # from the step-2 checkpoint: one more step, then the export
-    assert first.plan.layer_map == [2, 4]
-    assert [len(first.history), len(resumed.history)] == [2, 1]
-    for step in first.history + resumed.history:
+    whole: PretrainStage
+    resumed: PretrainStage
+    stage2: FinetuneStage
+    folder: Path
+
+    @property
+    def exports(self) -> tuple[Path, Path]:
+        return self.folder / "out/student", self.folder / "stage2/out/student"
+
+
+def distil(teacher: Path, corpus: Path, folder: Path) -> FamilyRuns:
+    whole = run_pretraining(stage1_config(folder, teacher, corpus))
+    resumed = run_pretraining(stage1_config(folder, teacher, corpus, checkpoint={"every": 2, "resume": "step_2"}))  # step 3 again
+    train, dev = write_task(folder / "train.csv", 48), write_task(folder / "dev.csv", 16, seed=1)
+    task_teacher = save_task_teacher(teacher, folder / "task_teacher")
+    student = {"init": "checkpoint", "checkpoint": str(folder / "out/student")}
+    task_config = write_task_config(folder / "stage2", task_teacher, train, dev, student=student, train={"max_steps": 3})
+    return FamilyRuns(whole, resumed, run_finetuning(load_config(FinetuneConfig, str(task_config), {})), folder)
+
+
+@pytest.fixture(scope="session")
+def family_runs(family_teachers, news_sample, tmp_path_factory):
+    """`family_runs(name)`: the family's `FamilyRuns`, run on first use and kept for the session."""
+    done: dict[str, FamilyRuns] = {}
+
+    def runs(name: str) -> FamilyRuns:
+        if name not in done:
+            done[name] = distil(family_teachers[name], news_sample, tmp_path_factory.mktemp(name))
+        return done[name]
+
+    return runs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_end_to_end(name, family_teachers, family_runs, news_sample, tmp_path):
+    teacher = family_teachers[name]
+    assert_copied_from_teacher(name, teacher, stage1_config(tmp_path, teacher, news_sample))
+
+    runs = family_runs(name)
+    assert runs.whole.plan.layer_map == [2, 4]
+    assert len(runs.whole.history) == 3
+    for step in runs.whole.history:
         assert {"mlm", "kd", "codir"} <= step.keys()
         assert all(math.isfinite(step[term]) for term in ("total", "mlm", "kd", "codir")), step
-    assert resumed.history[0]["kd"] > 0
+    assert runs.whole.history[2]["kd"] > 0
+    assert runs.resumed.history == runs.whole.history[2:]  # the resumed step equals the uninterrupted one, bit for bit
 
-    export = tmp_path / "out/student"
+    export, stage2_export = runs.exports
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(teacher).get_vocab()
     probe = tokenizer(["The fire spread towards Sydney.", "A second, longer sentence about the bush fires."], padding=True, return_tensors="pt")
     exported = AutoModelForMaskedLM.from_pretrained(export).eval()
-    trained = resumed.student.module.student.eval()
+    trained = runs.resumed.student.module.student.eval()
     with torch.no_grad():
         inputs = {k: v for k, v in probe.items() if k != "token_type_ids"}
         torch.testing.assert_close(exported(**inputs).logits, trained(**inputs).logits, rtol=1e-5, atol=1e-5)
     assert type(exported).__name__ == type(trained).__name__
 
-    task_dir = tmp_path / "stage2"
-    train, dev = write_task(tmp_path / "train.csv", 48), write_task(tmp_path / "dev.csv", 16, seed=1)
-    task_teacher = save_task_teacher(teacher, tmp_path / "task_teacher")
-    student = {"init": "checkpoint", "checkpoint": str(export)}
-    task_cfg = load_config(FinetuneConfig, str(write_task_config(task_dir, task_teacher, train, dev, student=student, train={"max_steps": 3})), {})
-    run = run_finetuning(task_cfg)
-    assert len(run.history) == 3
-    assert all(math.isfinite(step[term]) for step in run.history for term in ("total", "ce", "kd", "codir"))
-    classifier = AutoModelForSequenceClassification.from_pretrained(task_dir / "out/student")
+    assert len(runs.stage2.history) == 3
+    assert all(math.isfinite(step[term]) for step in runs.stage2.history for term in ("total", "ce", "kd", "codir"))
+    classifier = AutoModelForSequenceClassification.from_pretrained(stage2_export)
     assert classifier.config.num_hidden_layers == 2
     assert classifier.config.id2label == {0: "neg", 1: "pos"}
-    EXPORTS[name] = (export, task_dir / "out/student")
 
 
-def test_exports_load_where_codir_ds_cannot_be_imported():
-    """After the end-to-end tests (file order), in one process without codir_ds: every family's stage-1 export
-    predicts a masked token and its stage-2 export classifies, through the Auto classes and its own tokenizer."""
-    if not EXPORTS:
-        pytest.skip("needs the exports of test_family_end_to_end in the same run")
+def test_exports_load_where_codir_ds_cannot_be_imported(family_runs):
+    """In one process without codir_ds: every family's stage-1 export predicts a masked token and its stage-2
+    export classifies, through the Auto classes and its own tokenizer."""
     script = [
         "import sys, torch; sys.modules['codir_ds'] = None",
         "from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer",
     ]
-    for name, (stage1, stage2) in EXPORTS.items():
+    for name in FAMILIES:
+        stage1, stage2 = family_runs(name).exports
         script += [
             f"tok = AutoTokenizer.from_pretrained('{stage1}')",
             "enc = tok('The fire ' + tok.mask_token + ' towards Sydney.', return_tensors='pt')",
@@ -129,8 +157,8 @@ def test_exports_load_where_codir_ds_cannot_be_imported():
         ]
     loaded = subprocess.run([sys.executable, "-c", "\n".join(script)], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    lines = [line.split() for line in loaded.stdout.splitlines() if line.split()[:1] and line.split()[0] in EXPORTS]
-    assert [line[0] for line in lines] == list(EXPORTS)
+    lines = [line.split() for line in loaded.stdout.splitlines() if line.split()[:1] and line.split()[0] in FAMILIES]
+    assert [line[0] for line in lines] == list(FAMILIES)
     assert all(line[2] == "True" and line[3] in ("neg", "pos") for line in lines), lines
 
 

@@ -1,7 +1,7 @@
 """Stage 2 on 2 real CPU ranks (deepspeed launcher): ZeRO-3 teacher, memory bank or queue, shared evaluation."""
 
 import pytest
-from helpers import REPO, launch_worker, save_task_teacher, write_task, write_task_config
+from helpers import REPO, launch_worker, plain_accuracy, save_task_teacher, write_task, write_task_config
 
 pytestmark = pytest.mark.multirank
 WORKER = REPO / "tests/workers/finetune_worker.py"
@@ -25,7 +25,8 @@ def test_two_rank_finetune_distillation(tmp_path, negatives):
     assert first["evals"] == second["evals"]
     assert [e["step"] for e in first["evals"]] == [3, 6, 9, 12]
     assert first["best"] == second["best"]
-    assert (tmp_path / "out/student/model.safetensors").is_file()
+    assert first["best"]["score"] == max(e["metrics"]["dev"]["accuracy"] for e in first["evals"])
+    assert plain_accuracy(tmp_path / "out/student", dev) == pytest.approx(first["best"]["score"])  # the export, scored on all 31
     if negatives == "bank":  # both ranks hold the whole bank, exactly the teacher's outputs
         assert first["bank_feature_error"] < 1e-5
         assert first["bank_logit_error"] < 1e-5

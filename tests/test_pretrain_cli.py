@@ -87,8 +87,10 @@ def test_missing_crashed_and_corrupt_checkpoints(config, tmp_path):
 
     rank_state = checkpoints / "step_4/rank_0.safetensors"
     rank_state.write_bytes(rank_state.read_bytes()[:100])  # truncated on disk
-    message = one_line_error(pretrain(config, "--train.max_steps=5"))
-    assert message.startswith(f"corrupt checkpoint {checkpoints / 'step_4'}")
+    assert one_line_error(pretrain(config, "--train.max_steps=5")) == (
+        f"corrupt checkpoint {checkpoints / 'step_4'}: rank_0.safetensors: SafetensorError: Error while deserializing header: invalid header length; "
+        "resume from step_3, the newest complete checkpoint, with --checkpoint.resume=step_3"
+    )
 
 
 def test_headless_teacher_turns_kd_off_with_a_notice(tmp_path, headless_teacher):

@@ -1,6 +1,7 @@
 """Stage 1 end to end on 2 real CPU ranks (deepspeed launcher), tiny random models."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from helpers import REPO, launch_worker, save_tiny_model, tensorboard_scalars, train_tiny_teacher, write_corpus, write_run_config
 from safetensors import safe_open
+from transformers import AutoModelForMaskedLM
 
 pytestmark = pytest.mark.multirank
 WORKER = REPO / "tests/workers/pretrain_worker.py"
@@ -126,7 +128,8 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
     whole = tmp_path / "whole"
     whole.mkdir()
     reference_config = write_run_config(whole, teacher, corpus, **sections)
-    reference = launch(reference_config, whole)
+    probe = [[2, 5, 9, 11, 7, 3], [2, 12, 13, 14, 4, 3]]
+    reference = launch(reference_config, whole, f"--probe={json.dumps(probe)}")
     expected_samples, expected_losses = step_samples(reference, 1), reference[0]["losses"]
     assert len(expected_samples) == 6
     assert all(len(samples) == 8 for samples in expected_samples)
@@ -139,6 +142,7 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
             folder, config = whole, reference_config
             first = [{**facts, "samples": facts["samples"][:3], "losses": facts["losses"][:3]} for facts in reference]
             resume = ("--checkpoint.resume=step_3",)
+            shutil.rmtree(folder / "out/student")  # the resumed run must write its own
         else:
             folder = tmp_path / "1to2"
             folder.mkdir()
@@ -151,4 +155,8 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
         trained = ("total", "mlm", "kd")  # the CoDIR term (weight 0 here) is logged too, against world-sized negatives
         for got, want in zip(losses, expected_losses, strict=True):
             assert {k: got[k] for k in trained} == pytest.approx({k: want[k] for k in trained}, rel=1e-5), (first_ranks, second_ranks)
-        assert (folder / "out/student/model.safetensors").is_file()
+        assert (folder / "out/checkpoints/step_3_universal/codir_source.txt").is_file()  # converted for the other world size
+        exported = AutoModelForMaskedLM.from_pretrained(folder / "out/student").eval()
+        with torch.no_grad():
+            logits = exported(input_ids=torch.tensor(probe)).logits
+        torch.testing.assert_close(logits, torch.tensor(reference[0]["probe_logits"]), rtol=1e-4, atol=1e-4)

@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from helpers import write_tokenizer
+from safetensors.torch import save_file
 
 from codir_ds import files
-from codir_ds.checkpoint import _prune, find_resume
+from codir_ds.checkpoint import _prune, find_resume, load_checkpoint
 from codir_ds.config import TrainConfig, load_config
 from codir_ds.ds_config import load_ds_config
 from codir_ds.errors import CodirError
@@ -24,7 +26,7 @@ from codir_ds.finetune.config import TaskConfig
 from codir_ds.finetune.data import load_task_data, resolve_task
 from codir_ds.losses import contrastive_logits
 from codir_ds.pretrain.config import PretrainConfig
-from codir_ds.run_folder import RunLock, _require_same_identity, run_identity
+from codir_ds.run_folder import RunLock, _require_same_identity, run_identity, weight_sample
 from codir_ds.state_files import load_state, save_state
 
 
@@ -111,6 +113,18 @@ def test_a_deleted_rank_file_is_incomplete_not_zero_ranks(tmp_path):
     )
 
 
+def test_a_truncated_state_file_is_corrupt_and_names_what_to_resume_from(tmp_path):
+    checkpoint(tmp_path, "step_3", 3)
+    state = checkpoint(tmp_path, "step_6", 6) / "rank_0.safetensors"
+    state.write_bytes(state.read_bytes()[:60])  # truncated on disk
+    with pytest.raises(CodirError) as caught:
+        load_checkpoint(None, tmp_path, find_resume(tmp_path, "step_6"))  # fails before the engine is touched
+    assert str(caught.value) == (
+        f"corrupt checkpoint {tmp_path / 'step_6'}: rank_0.safetensors: SafetensorError: Error while deserializing header: invalid header length; "
+        "resume from step_3, the newest complete checkpoint, with --checkpoint.resume=step_3"
+    )
+
+
 def test_pruning_keeps_the_new_checkpoint_and_never_touches_higher_numbers(tmp_path):
     for step in (3, 6, 0, 1, 2):  # step_3, step_6 left by a run this one resumed from an earlier tag
         checkpoint(tmp_path, f"step_{step}", step)
@@ -163,6 +177,31 @@ def test_a_teacher_with_other_weights_is_another_run_wherever_it_lies(tmp_path, 
     moved = tmp_path / "moved_teacher"
     moved.symlink_to(tiny_teacher, target_is_directory=True)
     _require_same_identity(tmp_path, identity(pretrain_config(moved)), find_resume_stub())  # same files: same run
+
+
+def test_a_large_teacher_retrained_or_swapped_in_place_is_another_run(tmp_path, tiny_teacher):
+    """Weight files above the size read whole (6 MB here) enter by content too, at a bounded read."""
+    teacher, copy = tmp_path / "teacher", tmp_path / "copy"
+    weights = torch.randn(1_500_000, generator=torch.Generator().manual_seed(0))
+
+    def save_teacher(folder, tensor):
+        folder.mkdir(exist_ok=True)
+        shutil.copy(tiny_teacher / "config.json", folder)
+        save_file({"weight": tensor}, str(folder / "model.safetensors"))
+
+    save_teacher(teacher, weights)
+    save_teacher(copy, weights)
+    (tmp_path / "run.json").write_text(json.dumps({"identity": identity(pretrain_config(teacher))}))
+    _require_same_identity(tmp_path, identity(pretrain_config(copy)), find_resume_stub())  # the same weights elsewhere
+    file_size = (teacher / "model.safetensors").stat().st_size
+    assert file_size > 5.5 * 2**20
+    assert len(weight_sample(teacher / "model.safetensors")) < 4.1 * 2**20
+
+    for changed in (weights + 1e-3 * torch.randn(weights.shape), torch.randn(weights.shape)):  # retrained; other weights of one shape
+        save_teacher(teacher, changed)
+        assert (teacher / "model.safetensors").stat().st_size == file_size
+        with pytest.raises(CodirError, match=r"\(teacher.path: \.\.\.\S*/teacher \((\w{12})\) -> \.\.\.\S*/teacher \((?!\1)\w{12}\)\);"):
+            _require_same_identity(tmp_path, identity(pretrain_config(teacher)), find_resume_stub())
 
 
 def find_resume_stub():
