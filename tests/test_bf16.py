@@ -60,7 +60,7 @@ def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
     first = run_pretraining(cfg, stop_after=2)
     assert first.student.module.student.dtype == torch.bfloat16
     assert first.student.module.codir.heads.student.weight.dtype == torch.bfloat16
-    assert {p.dtype for p in first.teacher.module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in first.teacher.parameters()} == {torch.bfloat16}
     resumed = run_pretraining(cfg)
     losses = first.history + resumed.history
     assert len(losses) == 3
