@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from deepspeed.accelerator import get_accelerator
 
 from .config import TrainConfig
@@ -48,19 +49,33 @@ def load_ds_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         config.setdefault(key, auto[key][1])
     _reject_leftover_auto(config, str(path), "")
     _check_precision(config, path)
+    # per-step extras the run already covers, off unless the file asks for them: the monitor measures throughput
+    # (DeepSpeed's timer synchronises the device every step), and the loop stops on a non-finite loss (bf16's
+    # gradient check loops over every gradient)
+    config.setdefault("timers", {"throughput": {"enabled": False}})
+    if compute_dtype(config) == torch.bfloat16:
+        config["bf16"].setdefault("check_grad_overflow", False)
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise CodirError(f"train.deepspeed_config: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
     return config
 
 
-def teacher_ds_config(student_config: dict[str, Any], partition: bool) -> dict[str, Any]:
-    """Inference-only config for the frozen teacher: ZeRO-3 partitioned (or replicated), student's precision."""
+def compute_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The precision a DeepSpeed config computes in: bfloat16, float16 or float32."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if isinstance(config.get(key), dict) and config[key].get("enabled"):
+            return dtype
+    return torch.float32
+
+
+def teacher_ds_config(student_config: dict[str, Any]) -> dict[str, Any]:
+    """Inference-only config for the frozen teacher partitioned with ZeRO-3, in the student's precision."""
     config = {key: copy.deepcopy(student_config[key]) for key in ("bf16", "fp16") if key in student_config}
     config["train_micro_batch_size_per_gpu"] = student_config["train_micro_batch_size_per_gpu"]
     config["gradient_accumulation_steps"] = student_config["gradient_accumulation_steps"]
     config["train_batch_size"] = student_config["train_batch_size"]
-    config["zero_optimization"] = {"stage": 3 if partition else 0}
+    config["zero_optimization"] = {"stage": 3}
     return config
 
 

@@ -10,16 +10,25 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
-from .ds_config import teacher_ds_config
+from .distributed import device, print0, world_size
+from .ds_config import compute_dtype, teacher_ds_config
 from .errors import CodirError, error_line
 from .models import load_teacher
 
 
-def teacher_engine(path: str, auto_class, wrap: Callable[[PreTrainedModel], nn.Module], student_ds_config: dict, partition: bool):
-    """Inference engine of the frozen teacher at `path` (loaded with `auto_class`, wrapped by `wrap`); with
-    `partition` it is loaded already partitioned (ZeRO-3 zero.Init)."""
-    config = teacher_ds_config(student_ds_config, partition=partition)
-    loading = HfDeepSpeedConfig(config) if partition else None  # must live while from_pretrained runs
+def frozen_teacher(path: str, auto_class, wrap: Callable[[PreTrainedModel], nn.Module], student_ds_config: dict, partition: bool) -> nn.Module:
+    """The frozen teacher at `path` (loaded with `auto_class`, wrapped by `wrap`), in the student's precision.
+
+    With `partition` and more than one rank it is a ZeRO-3 inference engine, loaded already partitioned
+    (zero.Init); otherwise a plain module on this rank's device: an engine around a replicated model only adds
+    per-call work, and ZeRO-3 on one rank only adds gathers."""
+    if partition and world_size() == 1:
+        print0("codir-ds: notice: teacher.zero3 on one rank only adds parameter gathers; the teacher runs replicated")
+    if not partition or world_size() == 1:
+        teacher = wrap(load_teacher(path, auto_class)).to(device(), dtype=compute_dtype(student_ds_config))
+        return teacher.eval().requires_grad_(False)
+    config = teacher_ds_config(student_ds_config)
+    loading = HfDeepSpeedConfig(config)  # must live while from_pretrained runs
     teacher = load_teacher(path, auto_class)
     del loading
     gc.collect()
@@ -38,7 +47,7 @@ def student_engine(module: nn.Module, ds_config: dict, config_path: str) -> deep
 
 
 def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(total parameters, parameters held by this rank): they differ under ZeRO-3 partitioning."""
+    """(total parameters, parameters held by this rank) of a module or engine: they differ under ZeRO-3 partitioning."""
     params = list(module.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)

@@ -53,20 +53,14 @@ def train(cfg, stage, resume: Resume | None, stop_after: int | None = None) -> T
     result, stop = TrainResult(start), StopRequest(cfg.stop_file)
     for step in range(start + 1, last + 1):
         terms = average_terms([stage.micro_step() for _ in range(accumulation)])  # tensors: no host sync here
-        _require_finite(terms, step, checkpoints)
+        stopping = _check_step(terms, stop.requested(), step, checkpoints)  # the step's one all-reduce and host sync
         logged = monitor.step(step, samples, samples * stage.tokens_per_sample, terms, stage.scalars)
         if logged:
             result.history.append(logged)
         stage.after_step(step, monitor)
         result.done = step
-        if end_of_step(
-            stop,
-            step,
-            last,
-            cfg.checkpoint.every,
-            engine.device,
-            lambda: save_checkpoint(engine, checkpoints, step, stage.state_dict(), cfg.checkpoint.keep),
-        ):
+        save = lambda: save_checkpoint(engine, checkpoints, step, stage.state_dict(), cfg.checkpoint.keep)
+        if end_of_step(stop, step, last, cfg.checkpoint.every, stopping, save):
             result.stopped = step < cfg.train.max_steps
             break
     stop.close()
@@ -81,10 +75,13 @@ def _announce(cfg, stage, resumed_from: str | None, monitor: Monitor) -> None:
     print0(f"codir-ds: {stage.summary()}, world {world_size()}, " + (f"resumed from {resumed_from}" if resumed_from else "fresh start"))
 
 
-def _require_finite(terms: dict[str, torch.Tensor], step: int, checkpoints) -> None:
-    """Stop the run (every rank) at the first step whose loss is not finite, before it is checkpointed."""
+def _check_step(terms: dict[str, torch.Tensor], stop_requested: bool, step: int, checkpoints) -> bool:
+    """Whether any rank asks to stop; raises (on every rank) at the first step whose loss is not finite, before
+    it is checkpointed. One all-reduce answers both."""
     losses = [name for name in terms if name not in CONTRASTIVE_STATS]
-    finite = all_ranks(torch.stack([torch.isfinite(terms[name]) for name in losses]))
+    flags = torch.stack([torch.isfinite(terms[name]) for name in losses] + [torch.tensor(not stop_requested, device=terms["total"].device)])
+    agreed = all_ranks(flags)  # True where true on every rank
+    finite, stopping = agreed[:-1], not bool(agreed[-1])
     if not bool(finite.all()):
         bad = losses[int((~finite).nonzero()[0])]
         latest = latest_tag(checkpoints)
@@ -96,3 +93,4 @@ def _require_finite(terms: dict[str, torch.Tensor], step: int, checkpoints) -> N
                 else "no checkpoint was written"
             )
         )
+    return stopping

@@ -71,12 +71,15 @@ def contrastive_stats(logits: torch.Tensor, positive_index: torch.Tensor, temper
     }
 
 
-def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over rows (Hinton et al.)."""
+def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over rows (Hinton et al.); with `rows` (bool
+    [rows]), over those rows only. No rows gives 0, not NaN."""
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum") / max(len(student_logits), 1)
-    return kl * temperature**2  # no rows (nothing masked): 0, not NaN
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="none").sum(-1)
+    if rows is None:
+        return kl.sum() / max(len(kl), 1) * temperature**2
+    return (kl * rows).sum() / rows.sum().clamp_min(1) * temperature**2
 
 
 def sampled_contrastive_logits(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,9 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from .distributed import any_rank, print0, rank
+from .distributed import print0, rank
 from .errors import CodirError
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -31,11 +29,11 @@ class StopRequest:
         if signum == signal.SIGINT:  # a second Ctrl-C does not wait for the step boundary
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank has been asked to stop (one tiny all-reduce per step)."""
+    def requested(self) -> bool:
+        """Whether this rank has been asked to stop (ranks agree on it in the loop's one all-reduce per step)."""
         if self.received is None and self.stop_file is not None and rank() == 0 and self.stop_file.exists():
             self.received = f"stop file {self.stop_file}"
-        return any_rank(self.received is not None, device)
+        return self.received is not None
 
     def close(self) -> None:
         """Give the signals back to their previous handlers."""
@@ -69,9 +67,9 @@ def is_stop_file(path: Path) -> bool:
     return not content or content.isalnum()
 
 
-def end_of_step(stop: StopRequest, step: int, last: int, every: int, device: torch.device, save: Callable[[], object]) -> bool:
-    """Checkpoint when due (periodically, at the run's last step, or when stopping); True when the run must stop now."""
-    stopping = stop.agreed(device)
+def end_of_step(stop: StopRequest, step: int, last: int, every: int, stopping: bool, save: Callable[[], object]) -> bool:
+    """Checkpoint when due (periodically, at the run's last step, or when `stopping`, which every rank agreed on);
+    True when the run must stop now."""
     if checkpoint_due(step, last, every, stopping):
         save()
     if stopping:

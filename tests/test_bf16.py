@@ -59,7 +59,7 @@ def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
     whole = run_pretraining(load_config(PretrainConfig, str(config), {}))
     assert whole.student.module.student.dtype == torch.bfloat16
     assert whole.student.module.codir.heads.student.weight.dtype == torch.bfloat16
-    assert {p.dtype for p in whole.teacher.module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in whole.teacher.parameters()} == {torch.bfloat16}
     assert whole.objective.queue.features.dtype == torch.float32
     assert whole.objective.queue.filled == 12
     assert all(math.isfinite(step[term]) for step in whole.history for term in ("total", "mlm", "kd", "codir")), whole.history

@@ -183,24 +183,25 @@ def test_roberta_positions_after_the_padding_offset_bound_the_sequence_length(fa
 
 
 def masked_batch(tokenizer, generator):
-    """Two sentences with a quarter of the tokens labelled (as the masking leaves them)."""
+    """Two sentences with three positions per row masked, as the masking leaves them: ids, attention mask, labels
+    [2, seq] (-100 elsewhere) and the positions [2, 3], ascending."""
     batch = tokenizer(["The fire spread towards Sydney overnight.", "Rain is expected in the west on Sunday."], padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(torch.rand(batch["input_ids"].shape, generator=generator) > 0.25, -100)
-    labels[:, 1] = batch["input_ids"][:, 1]  # at least one per row
-    return batch["input_ids"], batch["attention_mask"], labels
+    ids = batch["input_ids"]
+    positions = torch.rand(len(ids), 5, generator=generator).argsort(dim=1)[:, :3].sort(dim=1).values + 1  # among the first words
+    labels = torch.full_like(ids, -100).scatter(1, positions, ids.gather(1, positions))
+    return ids, batch["attention_mask"], labels, positions
 
 
 @pytest.mark.parametrize("name, options", [*((name, {}) for name in FAMILIES), ("deberta-v3", {"legacy": False})])  # DeBERTa's newer head
 def test_masked_lm_head_at_masked_positions_equals_the_models_own_logits(name, options, family_teachers):
     teacher = family_teachers[name]
     model = AutoModelForMaskedLM.from_pretrained(teacher, **options).eval()
-    input_ids, attention_mask, labels = masked_batch(AutoTokenizer.from_pretrained(teacher), torch.Generator().manual_seed(0))
-    positions = labels.ne(-100)
+    input_ids, attention_mask, labels, positions = masked_batch(AutoTokenizer.from_pretrained(teacher), torch.Generator().manual_seed(0))
     with torch.no_grad():
         body = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         ours = masked_lm_logits(model, body, positions)
-        reference = model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
-    assert ours.shape == (positions.sum(), model.config.vocab_size)
+        reference = model(input_ids=input_ids, attention_mask=attention_mask).logits[labels.ne(-100)]
+    assert ours.shape == (positions.numel(), model.config.vocab_size)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -214,13 +215,13 @@ def test_stage1_kd_is_taken_at_masked_positions_only(family_teachers):
     with torch.no_grad():  # away from the near-uniform predictions of a fresh initialisation
         for parameter in [*teacher.parameters(), *student.parameters()]:
             parameter.add_(0.3 * torch.randn_like(parameter))
-    input_ids, attention_mask, labels = masked_batch(AutoTokenizer.from_pretrained(teacher_dir), torch.Generator().manual_seed(1))
-    features, teacher_logits = TeacherFeatures(teacher, [2, 4], "mean", with_logits=True)(input_ids, attention_mask, labels)
+    input_ids, attention_mask, labels, positions = masked_batch(AutoTokenizer.from_pretrained(teacher_dir), torch.Generator().manual_seed(1))
+    features, teacher_logits = TeacherFeatures(teacher, [2, 4], "mean", with_logits=True)(input_ids, attention_mask, positions)
     weights = LossWeights(mlm=1.0, kd=0.5, kd_temperature=temperature, codir=1.0)
     objective = CodirObjective(2 * student.config.hidden_size, features.shape[1], 8, 0.07, queue=NegativeQueue(0, features.shape[1]))
     module = StudentWithHeads(student, objective, "mean", weights).eval()
     with torch.no_grad():
-        terms, _ = module(input_ids, attention_mask, labels, features, teacher_logits)
+        terms, _ = module(input_ids, attention_mask, labels, positions, features, teacher_logits)
 
         def kd(rows):
             t = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[rows].double() / temperature

@@ -103,9 +103,16 @@ def test_masking_rates_and_special_tokens():
     rng = np.random.default_rng(1)
     blocks = rng.integers(5, VOCAB, size=(4000, 126))
     blocks[:, ::9] = SPECIAL["sep"]
-    input_ids, labels = mask_blocks(blocks, np.arange(4000), seed=3, special_ids=SPECIAL, vocab_size=VOCAB, mlm_probability=0.15)
+    blocks[7], blocks[7, 3] = SPECIAL["sep"], 42  # one row of a single ordinary token: fewer than m to select
+    input_ids, labels, positions = mask_blocks(blocks, np.arange(4000), seed=3, special_ids=SPECIAL, vocab_size=VOCAB, mlm_probability=0.15)
     assert input_ids.shape == labels.shape == (4000, 128)
-    assert input_ids.dtype == labels.dtype == torch.int64
+    assert positions.shape == (4000, round(0.15 * 126))  # the same number of masked positions in every row
+    assert input_ids.dtype == labels.dtype == positions.dtype == torch.int64
+    assert (positions.diff(dim=1) > 0).all()  # ascending, no repeats
+    labelled = torch.zeros_like(labels, dtype=torch.bool).scatter_(1, positions, True)
+    assert torch.equal(labels.ne(-100), labelled & labels.ne(-100))  # labels only at the listed positions
+    assert labels[7].ne(-100).sum() == 1  # the short row: its one ordinary token, the rest of its positions unlabelled
+    assert (labels.ne(-100).sum(dim=1) == positions.shape[1]).sum() == 3999
     original = torch.from_numpy(np.pad(blocks, ((0, 0), (1, 1)), constant_values=0))
     original[:, 0], original[:, -1] = SPECIAL["cls"], SPECIAL["sep"]
     special = torch.isin(original, torch.tensor(list(SPECIAL.values())))
@@ -114,7 +121,7 @@ def test_masking_rates_and_special_tokens():
     assert torch.equal(input_ids[special], original[special])
     assert torch.equal(labels[selected], original[selected])
     assert torch.equal(input_ids[~selected], original[~selected])
-    assert abs(selected.sum().item() / (~special).sum().item() - 0.15) < 0.005
+    assert abs(selected.sum().item() / (~special).sum().item() - 19 / (126 - 14)) < 0.005  # m over a row's ordinary tokens
     chosen = input_ids[selected]
     masked, kept = chosen.eq(SPECIAL["mask"]).float().mean(), chosen.eq(original[selected]).float().mean()
     assert abs(masked - 0.8) < 0.01

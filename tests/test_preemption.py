@@ -5,7 +5,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from codir_ds.distributed import init_distributed
 from codir_ds.errors import CodirError
@@ -17,9 +16,9 @@ def test_a_stop_signal_is_noted_not_fatal(sig):
     init_distributed()
     before = signal.getsignal(sig)
     stop = StopRequest(stop_file=None)
-    assert not stop.agreed(torch.device("cpu"))
+    assert not stop.requested()
     os.kill(os.getpid(), sig)  # would end the process without the handler
-    assert stop.agreed(torch.device("cpu"))
+    assert stop.requested()
     assert stop.received == sig.name
     stop.close()
     assert signal.getsignal(sig) == before
@@ -42,9 +41,9 @@ def test_the_stop_file_of_a_previous_run_is_cleared_and_a_new_one_is_seen(tmp_pa
     clear_stop_file(stop_file)
     assert not stop_file.exists()
     stop = StopRequest(stop_file)
-    assert not stop.agreed(torch.device("cpu"))
+    assert not stop.requested()
     stop_file.touch()
-    assert stop.agreed(torch.device("cpu"))
+    assert stop.requested()
     assert stop.received == f"stop file {stop_file}"
     stop.close()
 

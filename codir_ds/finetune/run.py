@@ -24,7 +24,7 @@ from ..checkpoint import save_checkpoint
 from ..distributed import all_gather_rows, barrier, device, print0, rank, world_size
 from ..ds_config import load_ds_config
 from ..encoders import check_length
-from ..engines import parameter_counts, student_engine, teacher_engine
+from ..engines import frozen_teacher, parameter_counts, student_engine
 from ..errors import CodirError
 from ..losses import INTERMEDIATE_LOSSES
 from ..memory_bank import MemoryBank, fill_memory_bank
@@ -93,7 +93,7 @@ class FinetuneStage(Stage):
         token_level = intermediate is not None and intermediate.teacher_input == "tokens"
         if cfg.distils:
             wrap = lambda model: TeacherTaskOutputs(model, plan.layer_map, cfg.codir.pooling, with_states=token_level)
-            self.teacher = teacher_engine(cfg.teacher.path, AutoModelForSequenceClassification, wrap, ds_config, cfg.teacher.zero3)
+            self.teacher = frozen_teacher(cfg.teacher.path, AutoModelForSequenceClassification, wrap, ds_config, cfg.teacher.zero3)
         if cfg.distils and cfg.codir.negatives == "bank" and not token_level:
             self.bank = build_memory_bank(self.teacher, self.data, self.tokenizer, cfg)
             if not cfg.teacher.live:
@@ -213,10 +213,9 @@ def _configure_for_task(config: PretrainedConfig, task: Task) -> None:
 
 def build_memory_bank(teacher, data: TaskData, tokenizer, cfg: FinetuneConfig) -> MemoryBank:
     """One teacher pass over the training set; every rank computes its share and receives the whole bank."""
-    device = teacher.device
 
     def forward(batch):
-        features, logits, _ = teacher(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
+        features, logits, _ = teacher(**{k: batch[k].to(device()) for k in MODEL_INPUTS if k in batch})
         return features, logits
 
     shards = (

@@ -92,14 +92,17 @@ def sample_blocks(indices: np.ndarray, num_blocks: int, seed: int) -> np.ndarray
 
 def mask_blocks(
     blocks: np.ndarray, sample_indices: np.ndarray, seed: int, special_ids: dict, vocab_size: int, mlm_probability: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[CLS] block [SEP] rows, masked BERT-style: (input_ids, labels), int64 [batch, block_length + 2].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[CLS] block [SEP] rows, masked BERT-style: (input_ids, labels) int64 [batch, block_length + 2] and the
+    masked positions int64 [batch, m], ascending.
 
-    Each non-special position is selected with probability `mlm_probability`; a selected token becomes
-    [MASK] (80%), a random non-special token (10%) or stays (10%); labels hold the original id there, -100
-    elsewhere. One 64-bit hash of (seed, sample index, position) decides all three: bits 0-23 the
-    selection, bits 24-39 the replacement kind, bits 40-63 the random token. `special_ids` maps cls, sep,
-    mask (pad, unk) to ids, as in a prepared corpus's meta.json; special tokens are never selected.
+    Every row has the same number m = round(mlm_probability * block_length) of selected positions (fixed shapes:
+    the step gathers them by index, with no host sync): its m non-special positions of lowest selection hash.
+    A selected token becomes [MASK] (80%), a random non-special token (10%) or stays (10%); labels hold the
+    original id there, -100 elsewhere. One 64-bit hash of (seed, sample index, position) decides all three:
+    bits 0-23 the selection order, bits 24-39 the replacement kind, bits 40-63 the random token. `special_ids`
+    maps cls, sep, mask (pad, unk) to ids, as in a prepared corpus's meta.json; special tokens are never selected
+    (a row of fewer than m ordinary tokens keeps label -100 at its extra positions).
     """
     specials = sorted({int(i) for i in special_ids.values() if i is not None})
     cls_id, sep_id, mask_id = special_ids["cls"], special_ids["sep"], special_ids["mask"]
@@ -109,8 +112,13 @@ def mask_blocks(
     h = splitmix64(row_keys[:, None] ^ np.arange(tokens.shape[1], dtype=np.uint64)[None, :])
 
     is_special, ordinary = _special_table(tuple(specials), vocab_size)
-    threshold = np.uint64(round(mlm_probability * (1 << 24)))
-    selected = np.flatnonzero(((h & np.uint64(0xFFFFFF)) < threshold) & ~is_special[tokens])  # flat positions
+    special = is_special[tokens]
+    count = max(1, round(mlm_probability * blocks.shape[1]))
+    order = ((h & np.uint64(0xFFFFFF)) << np.uint64(16)) | np.arange(tokens.shape[1], dtype=np.uint64)  # distinct keys
+    order[special] = np.iinfo(np.uint64).max  # chosen last (only in a row of fewer than `count` ordinary tokens)
+    positions = np.sort(np.argpartition(order, count - 1, axis=1)[:, :count], axis=1)
+    rows = np.arange(len(tokens))[:, None]
+    selected = (rows * tokens.shape[1] + positions)[~special[rows, positions]]  # flat positions
     kind = (h.ravel()[selected] >> np.uint64(24)) & np.uint64(0xFFFF)
     masked = selected[kind < np.uint64(52429)]  # 80% (0.8 * 2**16): [MASK]
     randomised = selected[(kind >= np.uint64(52429)) & (kind < np.uint64(58982))]  # 10%: a random token
@@ -119,7 +127,7 @@ def mask_blocks(
     flat = tokens.ravel()  # a view: inputs are built in place
     flat[masked] = mask_id
     flat[randomised] = ordinary[((h.ravel()[randomised] >> np.uint64(40)) * np.uint64(len(ordinary))) >> np.uint64(24)]
-    return torch.from_numpy(tokens), torch.from_numpy(labels)
+    return torch.from_numpy(tokens), torch.from_numpy(labels), torch.from_numpy(positions)
 
 
 @functools.lru_cache(maxsize=8)
@@ -235,7 +243,7 @@ class PreparedCorpus:
             )
 
 
-_WIRE = {"input_ids": np.int32, "labels": np.int32, "attention_mask": np.int8}  # token ids < 2**31
+_WIRE = {"input_ids": np.int32, "labels": np.int32, "masked_positions": np.int32}  # token ids < 2**31
 
 
 class Batch(dict):
@@ -297,8 +305,8 @@ class MicroBatches(Dataset):
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
         indices = self.sample_indices(j)
         blocks = self.corpus.blocks(self.block_ids(j))
-        input_ids, labels = mask_blocks(blocks, indices, self.seed, self.corpus.special_ids, self.corpus.vocab_size, self.mlm_probability)
-        return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels, sample_index=torch.from_numpy(indices))
+        input_ids, labels, positions = mask_blocks(blocks, indices, self.seed, self.corpus.special_ids, self.corpus.vocab_size, self.mlm_probability)
+        return Batch(input_ids=input_ids, labels=labels, masked_positions=positions, sample_index=torch.from_numpy(indices))
 
 
 def micro_batch_loader(dataset: MicroBatches, start_micro_batch: int, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:

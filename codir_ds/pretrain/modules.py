@@ -15,15 +15,11 @@ from ..objective import CodirObjective
 from ..representations import layer_features
 
 
-def masked_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Boolean [batch, seq]: where a token was masked (label != -100)."""
-    return labels.ne(-100)
-
-
 def masked_lm_logits(model: PreTrainedModel, sequence_output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Vocabulary logits [masked tokens, vocab] of the masked-LM `model`'s head only at masked positions: the
-    head never sees the rest."""
-    return mlm_logits(model, sequence_output[positions])
+    """Vocabulary logits [batch * m, vocab] of the masked-LM `model`'s head only at the masked `positions`
+    [batch, m] (gathered by index: no host sync); the head never sees the rest."""
+    gathered = sequence_output.gather(1, positions.unsqueeze(-1).expand(-1, -1, sequence_output.shape[-1]))
+    return mlm_logits(model, gathered.flatten(0, 1))
 
 
 class TeacherFeatures(nn.Module):
@@ -33,13 +29,13 @@ class TeacherFeatures(nn.Module):
         super().__init__()
         self.teacher, self.layer_map, self.pooling, self.with_logits = teacher, list(layer_map), pooling, with_logits
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, positions):
         body = self.teacher.base_model if self.with_logits else self.teacher
         out = body(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         features = layer_features(out.hidden_states, self.layer_map, attention_mask, self.pooling)
         logits = None
         if self.with_logits:
-            logits = masked_lm_logits(self.teacher, out.last_hidden_state, masked_positions(labels))
+            logits = masked_lm_logits(self.teacher, out.last_hidden_state, positions)
         return features, logits
 
 
@@ -61,16 +57,18 @@ class StudentWithHeads(nn.Module):
         self.student, self.codir = student, codir
         self.pooling, self.weights, self.layers = pooling, weights, list(range(1, student.config.num_hidden_layers + 1))
 
-    def forward(self, input_ids, attention_mask, labels, teacher_features, teacher_logits=None):
-        """Loss terms (`total` first) and CoDIR's statistics for one micro-batch; `teacher_features` are this rank's
-        pooled teacher features of the same samples, `teacher_logits` the teacher's at masked positions."""
+    def forward(self, input_ids, attention_mask, labels, positions, teacher_features, teacher_logits=None):
+        """Loss terms (`total` first) and CoDIR's statistics for one micro-batch: MLM and KD at the masked `positions`
+        [batch, m] (labels [batch, seq]); `teacher_features` are this rank's pooled teacher features of the same
+        samples, `teacher_logits` the teacher's at the masked positions."""
         out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        positions = masked_positions(labels)
         student_logits = masked_lm_logits(self.student, out.last_hidden_state, positions)
-        masked = labels[positions]  # a micro-batch with nothing masked contributes 0, not NaN
-        terms = {"mlm": F.cross_entropy(student_logits.float(), masked, reduction="sum") / max(len(masked), 1)}
+        targets = labels.gather(1, positions).flatten()
+        predicted = targets.ne(-100)  # all but the extra positions of a row with fewer ordinary tokens than m
+        mlm = F.cross_entropy(student_logits.float(), targets, reduction="sum") / predicted.sum().clamp_min(1)
+        terms = {"mlm": mlm}
         if teacher_logits is not None and self.weights.kd > 0:
-            terms["kd"] = logit_kd(student_logits, teacher_logits, self.weights.kd_temperature)
+            terms["kd"] = logit_kd(student_logits, teacher_logits, self.weights.kd_temperature, predicted)
         terms["codir"], stats = self.codir(layer_features(out.hidden_states, self.layers, attention_mask, self.pooling), teacher_features)
         w = self.weights
         total = w.mlm * terms["mlm"] + w.kd * terms.get("kd", 0.0) + w.codir * terms["codir"]

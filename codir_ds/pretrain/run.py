@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForMaskedLM
 from ..distributed import device, print0, rank, world_size
 from ..ds_config import load_ds_config
 from ..encoders import check_length
-from ..engines import parameter_counts, student_engine, teacher_engine
+from ..engines import frozen_teacher, parameter_counts, student_engine
 from ..errors import CodirError
 from ..models import ModelPlan, build_student
 from ..negatives import NegativeQueue
@@ -59,7 +59,7 @@ class PretrainStage(Stage):
         cfg, plan = self.cfg, self.plan
         auto = AutoModelForMaskedLM if self.weights.kd > 0 else AutoModel
         wrap = lambda model: TeacherFeatures(model, plan.layer_map, cfg.codir.pooling, with_logits=self.weights.kd > 0)
-        self.teacher = teacher_engine(cfg.teacher.path, auto, wrap, ds_config, cfg.teacher.zero3)
+        self.teacher = frozen_teacher(cfg.teacher.path, auto, wrap, ds_config, cfg.teacher.zero3)
         student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map)
         queue = NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=device())
         width = student.config.num_hidden_layers * student.config.hidden_size
@@ -69,7 +69,7 @@ class PretrainStage(Stage):
         seed_rank(cfg.train.seed, rank())
 
     def summary(self) -> str:
-        teacher_total, teacher_here = parameter_counts(self.teacher.module)
+        teacher_total, teacher_here = parameter_counts(self.teacher)
         student_total, _ = parameter_counts(self.student.module.student)
         counts = self.corpus.meta["counts"]
         return (
@@ -93,10 +93,10 @@ class PretrainStage(Stage):
             self.batches = iter(micro_batch_loader(self.data, self.next_micro_batch, self.cfg.data.num_workers, pin_memory=pin))
         batch = next(self.batches)
         self.next_micro_batch += 1
-        inputs = tuple(batch[k].to(self.student.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
-        with torch.no_grad():
-            teacher_features, teacher_logits = self.teacher(*inputs)
-        terms, stats = self.student(*inputs, teacher_features, teacher_logits)
+        input_ids, labels, positions = (batch[k].to(self.student.device, non_blocking=True) for k in ("input_ids", "labels", "masked_positions"))
+        with torch.no_grad():  # no attention mask: packed blocks are never padded
+            teacher_features, teacher_logits = self.teacher(input_ids, None, positions)
+        terms, stats = self.student(input_ids, None, labels, positions, teacher_features, teacher_logits)
         self.student.backward(terms["total"])
         self.student.step()
         return {**{name: value.detach() for name, value in terms.items()}, **stats}

@@ -17,7 +17,7 @@ from codir_ds.pretrain.run import run_pretraining
 def main(config: str, out: str, stop_after: int | None = None, probe: list | None = None, local_rank: int = 0, **overrides):
     loaded = record_loaded_samples()
     run = run_pretraining(load_config(PretrainConfig, config, overrides), stop_after=stop_after)
-    teacher = run.teacher.module.teacher
+    teacher = getattr(run.teacher, "module", run.teacher).teacher  # a ZeRO-3 engine on several ranks, else a plain module
     on_disk = load_file(f"{teacher.name_or_path}/model.safetensors")
     params = dict(teacher.named_parameters())
     stored = lambda name: next(on_disk[n] for n in (name, "bert." + name, name.removeprefix("bert.")) if n in on_disk)
