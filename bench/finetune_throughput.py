@@ -23,9 +23,9 @@ import fire
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-from codir_ds.config import load_config
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import FinetuneStage, build_memory_bank, run_finetuning
+from codir_ds.runtime.config import load_config
 
 SHAPES = {  # teacher depth x width; the student keeps half the layers
     "tiny": dict(layers=4, hidden=64, heads=4, seq=32, batch=16),

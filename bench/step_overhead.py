@@ -28,15 +28,15 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
-from codir_ds.config import load_config
-from codir_ds.distributed import init_distributed
-from codir_ds.ds_config import load_ds_config
-from codir_ds.losses import ProjectionHeads, contrastive_logits, info_nce
-from codir_ds.models import plan_models
-from codir_ds.negatives import NegativeQueue
+from codir_ds.method.losses import ProjectionHeads, contrastive_logits, info_nce
+from codir_ds.method.negatives import NegativeQueue
+from codir_ds.method.representations import layer_features
+from codir_ds.models.ds_config import load_ds_config
+from codir_ds.models.loading import plan_models
 from codir_ds.pretrain.config import PretrainConfig
 from codir_ds.pretrain.run import PretrainRun, build_student_engine, build_teacher_engine, loss_weights, micro_step
-from codir_ds.representations import layer_features
+from codir_ds.runtime.config import load_config
+from codir_ds.runtime.distributed import init_distributed
 
 SHAPES = {
     "tiny": dict(layers=4, hidden=64, heads=4, vocab=1000, seq=32, batch=8),

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import fire
 
-from .config import config_help, type_name
-from .errors import CodirError, error_line
 from .finetune.config import FinetuneConfig
 from .pretrain.config import PretrainConfig
+from .runtime.config import config_help, type_name
+from .runtime.errors import CodirError, error_line
 
 HELP_FLAGS = {"--help", "-h"}
 CONFIG_CLASSES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}  # the run commands and their configs
@@ -27,11 +27,11 @@ def pretrain(config: str | None = None, local_rank: int | None = None, **overrid
     """Stage 1: CoDIR pre-training distillation of the teacher into a smaller student.
 
     `config`: a JSON/YAML run config of the sections below; any key can be overridden as --section.key=value."""
-    from .config import load_config
+    from .runtime.config import load_config
 
     cfg = load_config(PretrainConfig, config, overrides)  # a bad key fails here, before the heavy imports below
-    from .distributed import shutdown
     from .pretrain.run import run_pretraining
+    from .runtime.distributed import shutdown
 
     run = run_pretraining(cfg)
     shutdown()
@@ -45,13 +45,13 @@ def finetune(command: Literal["distill", "teacher"] = "distill", config: str | N
     `teacher.path` on the task first (exported to <output.dir>/teacher; the student section and loss.alpha/beta
     do not apply). `config`: a JSON/YAML run config of the sections below; any key can be overridden as
     --section.key=value."""
-    from .config import load_config
+    from .runtime.config import load_config
 
     if command not in ("distill", "teacher"):
         raise CodirError(f"unknown finetune command {command!r}; use 'distill' (the default) or 'teacher'")
     cfg = load_config(FinetuneConfig, config, overrides, validate=False)
-    from .distributed import shutdown  # after the config: a bad key fails before these heavy imports
     from .finetune.run import run_finetuning, teacher_training_config
+    from .runtime.distributed import shutdown  # after the config: a bad key fails before these heavy imports
 
     if command == "teacher":  # the student section does not apply: the teacher itself is trained
         cfg = teacher_training_config(cfg)
@@ -63,7 +63,7 @@ def finetune(command: Literal["distill", "teacher"] = "distill", config: str | N
 
 def _exit_if_stopped(stopped: bool) -> None:
     """A run stopped before train.max_steps exits with EXIT_STOPPED: not done, resumable (requeue, not failure)."""
-    from .preemption import EXIT_STOPPED
+    from .runtime.preemption import EXIT_STOPPED
 
     if stopped:
         sys.exit(EXIT_STOPPED)
@@ -96,7 +96,7 @@ def export(checkpoint_dir: str, out_dir: str, tag: str | None = None, overwrite:
     """Write the student of a codir-ds checkpoint folder (latest tag by default) as a Hugging Face folder.
 
     OUT_DIR must be new or empty; `--overwrite=true` replaces it whole."""
-    from .export import export_student
+    from .runs.export import export_student
 
     print(f"codir-ds: exported student to {export_student(checkpoint_dir, out_dir, tag, overwrite)}")
 

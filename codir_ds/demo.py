@@ -17,7 +17,7 @@ from pathlib import Path
 import mwparserfromhell
 import yaml
 
-from .errors import CodirError
+from .runtime.errors import CodirError
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS = "lee_background.cor"

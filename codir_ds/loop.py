@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import Resume, latest_tag, load_checkpoint, save_checkpoint
-from .config import config_to_dict
-from .distributed import all_ranks, print0, rank, world_size
-from .errors import CodirError
-from .export import save_student_spec
-from .losses import CONTRASTIVE_STATS
-from .monitor import Monitor, average_terms
-from .preemption import StopRequest, end_of_step
+from .method.losses import CONTRASTIVE_STATS
+from .runs.checkpoint import Resume, latest_tag, load_checkpoint, save_checkpoint
+from .runs.export import save_student_spec
+from .runs.monitor import Monitor, average_terms
+from .runtime.config import config_to_dict
+from .runtime.distributed import all_ranks, print0, rank, world_size
+from .runtime.errors import CodirError
+from .runtime.preemption import StopRequest, end_of_step
 
 
 @dataclass

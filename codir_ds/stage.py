@@ -11,15 +11,15 @@ from typing import Any
 import deepspeed
 import torch
 
-from . import files
-from .distributed import barrier, init_distributed, rank
-from .export import export_student
 from .loop import TrainResult, train
-from .models import ModelPlan, load_tokenizer, plan_models
-from .monitor import Monitor
-from .run_folder import hold_run_folder, open_checkpoints, run_identity
-from .seeding import seed_everything
-from .universal import universal_ds_config
+from .models.loading import ModelPlan, load_tokenizer, plan_models
+from .runs.export import export_student
+from .runs.monitor import Monitor
+from .runs.run_folder import hold_run_folder, open_checkpoints, run_identity
+from .runs.universal import universal_ds_config
+from .runtime import files
+from .runtime.distributed import barrier, init_distributed, rank
+from .runtime.seeding import seed_everything
 
 
 class Stage(ABC):

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import fire
 
-from codir_ds.config import load_config
 from codir_ds.demo import minilm_path, write_conventions_by_speaker, write_rotten_tomatoes_by_film
 from codir_ds.finetune.config import FinetuneCodirConfig, FinetuneConfig, TaskLossConfig
 from codir_ds.finetune.run import run_finetuning, teacher_training_config
+from codir_ds.runtime.config import load_config
 
 DEFAULT_BETA, DEFAULT_TAU, DEFAULT_K = TaskLossConfig().beta, FinetuneCodirConfig().temperature, FinetuneCodirConfig().num_negatives
 VARIANTS = {  # name: (description, overrides)

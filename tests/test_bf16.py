@@ -12,13 +12,13 @@ from deepspeed.accelerator import get_accelerator
 from helpers import write_corpus, write_run_config
 from transformers import AutoModelForMaskedLM
 
-from codir_ds.config import TrainConfig, load_config
-from codir_ds.ds_config import load_ds_config
-from codir_ds.errors import CodirError
-from codir_ds.losses import contrastive_logits, info_nce, sampled_contrastive_logits
-from codir_ds.objective import ProjectionHeads
+from codir_ds.method.losses import contrastive_logits, info_nce, sampled_contrastive_logits
+from codir_ds.method.objective import ProjectionHeads
+from codir_ds.models.ds_config import load_ds_config
 from codir_ds.pretrain.config import PretrainConfig
 from codir_ds.pretrain.run import run_pretraining
+from codir_ds.runtime.config import TrainConfig, load_config
+from codir_ds.runtime.errors import CodirError
 
 
 def test_contrastive_logits_and_info_nce_are_float32_under_bf16_heads():

@@ -5,11 +5,11 @@ import json
 import pytest
 from helpers import tiny_bert_config
 
-from codir_ds.config import load_config
-from codir_ds.errors import CodirError
 from codir_ds.finetune.config import FinetuneConfig
-from codir_ds.models import plan_models
+from codir_ds.models.loading import plan_models
 from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.runtime.config import load_config
+from codir_ds.runtime.errors import CodirError
 
 
 def base(tmp_path, teacher, **sections):
@@ -126,7 +126,7 @@ def test_student_with_other_vocabulary_is_rejected(tmp_path, tiny_teacher):
 
 
 def test_error_line_reports_empty_and_multiline_messages():
-    from codir_ds.errors import error_line
+    from codir_ds.runtime.errors import error_line
 
     assert error_line(KeyError()) == "KeyError"  # str() is empty: no IndexError
     assert error_line(ValueError("\n  first  \nsecond")) == "first"

@@ -17,16 +17,16 @@ from helpers import write_run_config, write_task, write_task_config
 from safetensors import safe_open
 from transformers import AlbertConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config
 
-from codir_ds.config import load_config
-from codir_ds.errors import CodirError
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import FinetuneStage, run_finetuning
-from codir_ds.models import build_student, plan_models
-from codir_ds.negatives import NegativeQueue
-from codir_ds.objective import CodirObjective
+from codir_ds.method.negatives import NegativeQueue
+from codir_ds.method.objective import CodirObjective
+from codir_ds.models.loading import build_student, plan_models
 from codir_ds.pretrain.config import PretrainConfig
 from codir_ds.pretrain.modules import LossWeights, StudentWithHeads, TeacherFeatures, masked_lm_logits
 from codir_ds.pretrain.run import PretrainStage, run_pretraining
+from codir_ds.runtime.config import load_config
+from codir_ds.runtime.errors import CodirError
 
 
 @pytest.fixture(scope="session")

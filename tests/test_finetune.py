@@ -10,11 +10,11 @@ from helpers import REPO, child_env, plain_accuracy, save_task_teacher, save_tin
 from test_pretrain_cli import one_line_error
 from transformers import AutoConfig
 
-from codir_ds.config import load_config
-from codir_ds.errors import CodirError
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import run_finetuning, teacher_training_config
-from codir_ds.state_files import save_state
+from codir_ds.runs.state_files import save_state
+from codir_ds.runtime.config import load_config
+from codir_ds.runtime.errors import CodirError
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import pytest
 from helpers import REPO, child_env
 
 from codir_ds import cli
-from codir_ds.config import field_comments
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.runtime.config import field_comments
 
 
 def run_help(*args: str) -> str:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from codir_ds.errors import CodirError
 from codir_ds.pretrain.data import MicroBatches, PreparedCorpus, mask_blocks, micro_batch_loader, sample_blocks
+from codir_ds.runtime.errors import CodirError
 
 SPECIAL = {"cls": 2, "sep": 3, "mask": 4, "pad": 0, "unk": 1}
 VOCAB = 1000

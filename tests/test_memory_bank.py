@@ -5,10 +5,10 @@ import torch
 from helpers import save_task_teacher
 from transformers import AutoModelForSequenceClassification
 
-from codir_ds.errors import CodirError
 from codir_ds.finetune.data import padded_shards
 from codir_ds.finetune.modules import TeacherTaskOutputs
-from codir_ds.memory_bank import MemoryBank, fill_memory_bank
+from codir_ds.method.memory_bank import MemoryBank, fill_memory_bank
+from codir_ds.runtime.errors import CodirError
 
 
 def bank_with(labels, regression=False):

@@ -6,9 +6,9 @@ from helpers import save_tiny_model, write_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
 
-from codir_ds.config import StudentConfig
-from codir_ds.errors import CodirError
-from codir_ds.models import build_student, check_same_tokenizer, has_mlm_head, load_teacher, read_model_config, student_model_config
+from codir_ds.models.loading import build_student, check_same_tokenizer, has_mlm_head, load_teacher, read_model_config, student_model_config
+from codir_ds.runtime.config import StudentConfig
+from codir_ds.runtime.errors import CodirError
 
 
 def test_student_copies_exactly_the_mapped_teacher_layers(tiny_teacher):

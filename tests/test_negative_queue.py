@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from codir_ds.errors import CodirError
-from codir_ds.negatives import NegativeQueue
+from codir_ds.method.negatives import NegativeQueue
+from codir_ds.runtime.errors import CodirError
 
 
 def rows(start, count, dim=3):

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codir_ds.losses import CONTRASTIVE_STATS, contrastive_logits, contrastive_stats, info_nce, pooled_mse, token_cosine, token_mse
-from codir_ds.memory_bank import MemoryBank
-from codir_ds.negatives import NegativeQueue
-from codir_ds.objective import CodirObjective, ProjectionHeads
+from codir_ds.method.losses import CONTRASTIVE_STATS, contrastive_logits, contrastive_stats, info_nce, pooled_mse, token_cosine, token_mse
+from codir_ds.method.memory_bank import MemoryBank
+from codir_ds.method.negatives import NegativeQueue
+from codir_ds.method.objective import CodirObjective, ProjectionHeads
 
 
 def reference_info_nce(anchors, candidates, positives, tau, anchor_labels=None, candidate_labels=None, anchor_ids=None, candidate_ids=None):

@@ -6,9 +6,9 @@ import signal
 
 import pytest
 
-from codir_ds.distributed import init_distributed
-from codir_ds.errors import CodirError
-from codir_ds.preemption import StopRequest, checkpoint_due, clear_stop_file
+from codir_ds.runtime.distributed import init_distributed
+from codir_ds.runtime.errors import CodirError
+from codir_ds.runtime.preemption import StopRequest, checkpoint_due, clear_stop_file
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])

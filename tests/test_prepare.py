@@ -10,10 +10,10 @@ import pytest
 from helpers import write_corpus
 from transformers import AutoTokenizer, BertTokenizerFast
 
-from codir_ds.errors import CodirError
 from codir_ds.pretrain import prepare as prep
 from codir_ds.pretrain.data import PreparedCorpus
 from codir_ds.pretrain.prepare import prepare_corpus
+from codir_ds.runtime.errors import CodirError
 
 SEQ = 32  # blocks of 30 tokens
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 from helpers import REPO, child_env, tensorboard_scalars, write_corpus, write_run_config
 
-from codir_ds.config import TrainConfig
-from codir_ds.ds_config import load_ds_config
-from codir_ds.errors import CodirError
+from codir_ds.models.ds_config import load_ds_config
+from codir_ds.runtime.config import TrainConfig
+from codir_ds.runtime.errors import CodirError
 
 
 def pretrain(config, *overrides):

@@ -17,17 +17,17 @@ from helpers import write_tokenizer
 from safetensors.torch import save_file
 
 from codir_ds import files
-from codir_ds.checkpoint import _prune, find_resume, load_checkpoint
-from codir_ds.config import TrainConfig, load_config
-from codir_ds.ds_config import load_ds_config
-from codir_ds.errors import CodirError
-from codir_ds.export import export_student
 from codir_ds.finetune.config import TaskConfig
 from codir_ds.finetune.data import load_task_data, resolve_task
-from codir_ds.losses import contrastive_logits
+from codir_ds.method.losses import contrastive_logits
+from codir_ds.models.ds_config import load_ds_config
 from codir_ds.pretrain.config import PretrainConfig
-from codir_ds.run_folder import RunLock, _require_same_identity, run_identity, weight_sample
-from codir_ds.state_files import load_state, save_state
+from codir_ds.runs.checkpoint import _prune, find_resume, load_checkpoint
+from codir_ds.runs.export import export_student
+from codir_ds.runs.run_folder import RunLock, _require_same_identity, run_identity, weight_sample
+from codir_ds.runs.state_files import load_state, save_state
+from codir_ds.runtime.config import TrainConfig, load_config
+from codir_ds.runtime.errors import CodirError
 
 
 def checkpoint(directory, tag, step, ranks=1):
@@ -205,14 +205,18 @@ def test_a_large_teacher_retrained_or_swapped_in_place_is_another_run(tmp_path, 
 
 
 def find_resume_stub():
-    from codir_ds.checkpoint import Resume
+    from codir_ds.runs.checkpoint import Resume
 
     return Resume("step_3", world=1, step=3)
 
 
 def test_a_second_run_in_a_folder_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from codir_ds.run_folder import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); input()"],
+        [
+            sys.executable,
+            "-c",
+            f"from codir_ds.runs.run_folder import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); input()",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

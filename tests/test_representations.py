@@ -1,6 +1,6 @@
 import torch
 
-from codir_ds.representations import layer_features, pool_tokens
+from codir_ds.method.representations import layer_features, pool_tokens
 
 
 def test_mean_pooling_ignores_padding():

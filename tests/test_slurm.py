@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import REPO, child_env, write_corpus, write_run_config
 
-from codir_ds.state_files import load_state
+from codir_ds.runs.state_files import load_state
 
 pytestmark = pytest.mark.multirank
 STANDIN = REPO / "tests/slurm_standin"

@@ -4,10 +4,10 @@ import pytest
 import torch
 from helpers import write_task
 
-from codir_ds.errors import CodirError
 from codir_ds.finetune.config import TaskConfig
 from codir_ds.finetune.data import EpochBatches, load_task_data, resolve_task
-from codir_ds.models import load_tokenizer
+from codir_ds.models.loading import load_tokenizer
+from codir_ds.runtime.errors import CodirError
 
 
 @pytest.fixture(scope="module")

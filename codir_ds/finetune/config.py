@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..config import (
+from ..runtime.config import (
     CheckpointConfig,
     CodirConfig,
     LoggingConfig,
@@ -20,7 +20,7 @@ from ..config import (
     validate_models,
     validate_run,
 )
-from ..errors import CodirError
+from ..runtime.errors import CodirError
 from .metrics import METRICS
 
 

@@ -13,8 +13,8 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..distributed import print0
-from ..errors import CodirError, error_line
+from ..runtime.distributed import print0
+from ..runtime.errors import CodirError, error_line
 from .config import TaskConfig
 from .metrics import REGRESSION_METRICS
 from .tasks import ALIASES, GLUE_TASKS, Layout

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..losses import INTERMEDIATE_LOSSES, task_kd, task_loss
-from ..objective import CodirObjective
-from ..representations import layer_features
+from ..method.losses import INTERMEDIATE_LOSSES, task_kd, task_loss
+from ..method.objective import CodirObjective
+from ..method.representations import layer_features
 
 
 class TeacherTaskOutputs(nn.Module):

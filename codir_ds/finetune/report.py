@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from ..errors import CodirError
+from ..runtime.errors import CodirError
 
 
 def model_report(folder: str | Path, batch_size: int, seq_length: int, repeats: int) -> dict:

@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
-from ..checkpoint import save_checkpoint
-from ..distributed import all_gather_rows, barrier, device, print0, rank, world_size
-from ..ds_config import load_ds_config
-from ..encoders import check_length
-from ..engines import frozen_teacher, parameter_counts, student_engine
-from ..errors import CodirError
-from ..losses import INTERMEDIATE_LOSSES
-from ..memory_bank import MemoryBank, fill_memory_bank
-from ..models import ModelPlan, build_student, has_classifier_head
-from ..monitor import Monitor
-from ..negatives import NegativeQueue
-from ..objective import CodirObjective
+from ..method.losses import INTERMEDIATE_LOSSES
+from ..method.memory_bank import MemoryBank, fill_memory_bank
+from ..method.negatives import NegativeQueue
+from ..method.objective import CodirObjective
+from ..models.ds_config import load_ds_config
+from ..models.encoders import check_length
+from ..models.engines import frozen_teacher, parameter_counts, student_engine
+from ..models.loading import ModelPlan, build_student, has_classifier_head
+from ..runs.checkpoint import save_checkpoint
+from ..runs.monitor import Monitor
+from ..runtime.distributed import all_gather_rows, barrier, device, print0, rank, world_size
+from ..runtime.errors import CodirError
 from ..stage import Stage, run_stage
 from .config import FinetuneConfig, FinetuneStudentConfig, TaskLossConfig
 from .data import EpochBatches, Task, TaskData, collate, load_task_data, padded_shards, resolve_task

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..distributed import rank0_first
-from ..errors import CodirError
+from ..runtime.distributed import rank0_first
+from ..runtime.errors import CodirError
 from .config import DataConfig
 from .prepare import prepare_corpus, tokenizer_hash
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..encoders import mlm_logits
-from ..losses import logit_kd
-from ..objective import CodirObjective
-from ..representations import layer_features
+from ..method.losses import logit_kd
+from ..method.objective import CodirObjective
+from ..method.representations import layer_features
+from ..models.encoders import mlm_logits
 
 
 def masked_lm_logits(model: PreTrainedModel, sequence_output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

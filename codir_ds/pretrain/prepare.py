@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from ..errors import CodirError, error_line
-from ..files import publish
-from ..models import load_tokenizer
+from ..models.loading import load_tokenizer
+from ..runtime.errors import CodirError, error_line
+from ..runtime.files import publish
 
 FORMAT_VERSION = 1
 MAX_CHARS_PER_PIECE = 100_000  # very long documents are tokenised piecewise

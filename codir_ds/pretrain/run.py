@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from ..distributed import device, print0, rank, world_size
-from ..ds_config import load_ds_config
-from ..encoders import check_length
-from ..engines import frozen_teacher, parameter_counts, student_engine
-from ..errors import CodirError
-from ..models import ModelPlan, build_student
-from ..negatives import NegativeQueue
-from ..objective import CodirObjective
-from ..seeding import seed_rank
+from ..method.negatives import NegativeQueue
+from ..method.objective import CodirObjective
+from ..models.ds_config import load_ds_config
+from ..models.encoders import check_length
+from ..models.engines import frozen_teacher, parameter_counts, student_engine
+from ..models.loading import ModelPlan, build_student
+from ..runtime.distributed import device, print0, rank, world_size
+from ..runtime.errors import CodirError
+from ..runtime.seeding import seed_rank
 from ..stage import Stage, run_stage
 from .config import PretrainConfig
 from .data import MicroBatches, micro_batch_loader, training_corpus

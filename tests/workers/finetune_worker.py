@@ -6,11 +6,11 @@ import fire
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from codir_ds.config import load_config
-from codir_ds.distributed import rank, shutdown
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.data import collate
 from codir_ds.finetune.run import run_finetuning
+from codir_ds.runtime.config import load_config
+from codir_ds.runtime.distributed import rank, shutdown
 
 
 def main(config: str, out: str, local_rank: int = 0, **overrides):

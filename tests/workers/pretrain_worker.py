@@ -7,11 +7,11 @@ import fire
 import torch
 from safetensors.torch import load_file
 
-from codir_ds.config import load_config
-from codir_ds.distributed import rank, shutdown
 from codir_ds.pretrain.config import PretrainConfig
 from codir_ds.pretrain.data import MicroBatches
 from codir_ds.pretrain.run import run_pretraining
+from codir_ds.runtime.config import load_config
+from codir_ds.runtime.distributed import rank, shutdown
 
 
 def main(config: str, out: str, stop_after: int | None = None, probe: list | None = None, local_rank: int = 0, **overrides):

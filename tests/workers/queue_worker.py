@@ -7,8 +7,8 @@ import fire
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from codir_ds.distributed import all_gather_rows, rank, shutdown, world_size
-from codir_ds.negatives import NegativeQueue
+from codir_ds.method.negatives import NegativeQueue
+from codir_ds.runtime.distributed import all_gather_rows, rank, shutdown, world_size
 
 
 def batch_rows(step: int, rank_id: int) -> int:

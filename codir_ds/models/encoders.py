@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
-from .errors import CodirError, error_line
+from ..runtime.errors import CodirError, error_line
 
 MLM_HEADS: dict[str, Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]] = {
     # model types whose masked-LM head is more than one module beside the body; all others have exactly one

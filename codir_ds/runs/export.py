@@ -18,9 +18,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from . import files
+from ..runtime import files
 from .checkpoint import LATEST, TAG, latest_tag
-from .errors import CodirError, error_line
+from ..runtime.errors import CodirError, error_line
 
 STUDENT_SPEC = "student_spec"  # folder beside the checkpoints: the student's config.json and tokenizer
 STUDENT_PREFIX = "student."  # parameters under StudentWithHeads.student; heads are dropped

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import CodirError
+from ..runtime.errors import CodirError
 
 
 class MemoryBank:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import all_gather_rows
+from ..runtime.distributed import all_gather_rows
 from .losses import contrastive_logits, contrastive_stats, info_nce, normalized_fp32, sampled_contrastive_logits
 from .memory_bank import MemoryBank
 from .negatives import NegativeQueue

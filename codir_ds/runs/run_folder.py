@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import files
+from ..runtime import files
 from .checkpoint import Resume, find_resume, holds_checkpoints
-from .config import config_to_dict
-from .distributed import print0, rank0_first
-from .errors import CodirError
-from .preemption import clear_stop_file
+from ..runtime.config import config_to_dict
+from ..runtime.distributed import print0, rank0_first
+from ..runtime.errors import CodirError
+from ..runtime.preemption import clear_stop_file
 
 RUN_FILE = "run.json"
 LOCK_FILE = "codir.lock"

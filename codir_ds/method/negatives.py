@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CodirError
+from ..runtime.errors import CodirError
 
 
 class NegativeQueue:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import CodirError
+from ..runtime.errors import CodirError
 
 
 def uniform_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:

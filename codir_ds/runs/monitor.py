@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from .distributed import mean_over_ranks, print0, rank
-from .losses import CONTRASTIVE_STATS
+from ..runtime.distributed import mean_over_ranks, print0, rank
+from ..method.losses import CONTRASTIVE_STATS
 
 
 class Monitor:

@@ -10,10 +10,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
-from .distributed import device, print0, world_size
+from ..runtime.distributed import device, print0, world_size
+from ..runtime.errors import CodirError, error_line
 from .ds_config import compute_dtype, teacher_ds_config
-from .errors import CodirError, error_line
-from .models import load_teacher
+from .loading import load_teacher
 
 
 def frozen_teacher(path: str, auto_class, wrap: Callable[[PreTrainedModel], nn.Module], student_ds_config: dict, partition: bool) -> nn.Module:

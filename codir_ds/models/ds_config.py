@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from .config import TrainConfig
-from .errors import CodirError
+from ..runtime.config import TrainConfig
+from ..runtime.errors import CodirError
 
 
 def load_ds_config(train: TrainConfig, world_size: int) -> dict[str, Any]:

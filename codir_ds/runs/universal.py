@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import files
-from .distributed import print0, rank0_first, world_size
-from .errors import CodirError, error_line
+from ..runtime import files
+from ..runtime.distributed import print0, rank0_first, world_size
+from ..runtime.errors import CodirError, error_line
 
 UNIVERSAL_SUFFIX = "_universal"
 LATEST_UNIVERSAL = "latest_universal"  # written by DeepSpeed's converter next to its output folder

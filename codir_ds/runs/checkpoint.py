@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import files
-from .distributed import any_rank, barrier, device, rank, world_size
-from .errors import CodirError, error_line
-from .seeding import restore_rng_state, rng_state
+from ..runtime import files
+from ..runtime.distributed import any_rank, barrier, device, rank, world_size
+from ..runtime.errors import CodirError, error_line
+from ..runtime.seeding import restore_rng_state, rng_state
 from .state_files import load_state, save_state
 from .universal import load_universal, universal_conversion, universal_tag
 

@@ -21,10 +21,10 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .config import StudentConfig
+from ..method.layer_map import resolve_layer_map
+from ..runtime.config import StudentConfig
+from ..runtime.errors import CodirError, error_line
 from .encoders import EncoderLayout, encoder_layout, layer_list
-from .errors import CodirError, error_line
-from .layer_map import resolve_layer_map
 
 
 @dataclass

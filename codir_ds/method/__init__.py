@@ -1,0 +1,1 @@
+"""The CoDIR method: the objective, its pure losses, negatives (queue, memory bank), pooling, the layer map."""

@@ -1,0 +1,1 @@
+"""Runtime: errors, durable files, the run config, collectives, random streams, graceful stops."""
