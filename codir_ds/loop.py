@@ -22,6 +22,7 @@ from .export import save_student_spec
 from .losses import CONTRASTIVE_STATS
 from .monitor import Monitor, average_terms
 from .preemption import StopRequest, end_of_step
+from .run_folder import run_started_ns
 
 
 @dataclass
@@ -66,7 +67,7 @@ def train(cfg, engine, stage: Stage, tokenizer, resume: Resume | None, stop_afte
     accumulation = cfg.train.gradient_accumulation_steps
     samples = cfg.train.micro_batch_size * accumulation * world_size()
     last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
-    result, stop = TrainResult(start), StopRequest(cfg.stop_file)
+    result, stop = TrainResult(start), StopRequest(cfg.stop_file, run_started_ns(cfg.output.dir))
     for step in range(start + 1, last + 1):
         terms = average_terms([stage.micro_step() for _ in range(accumulation)])  # tensors: no host sync here
         _require_finite(terms, step, checkpoints)

@@ -46,12 +46,14 @@ def test_contrastive_logits_and_info_nce_are_float32_under_bf16_heads():
 
 @pytest.mark.skipif(not get_accelerator().is_bf16_supported(), reason="this DeepSpeed accelerator reports no bf16 support")
 def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
+    notes = tmp_path / "notes"
+    notes.write_text("keep\n")  # a user's one-word file, named as the stop file: older than the run, it is no request
     config = write_run_config(
         tmp_path,
         tiny_teacher,
         write_corpus(tmp_path / "corpus.txt", documents=60),
         train={"deepspeed_config": "ds_configs/cpu_bf16.json", "max_steps": 3},
-        checkpoint={"every": 2},
+        checkpoint={"every": 2, "stop_file": str(notes)},
         data={"num_workers": 0},
         loss={"kd": 0.5},
     )
@@ -63,6 +65,8 @@ def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
     resumed = run_pretraining(cfg)
     losses = first.losses + resumed.losses
     assert len(losses) == 3
+    assert not resumed.stopped
+    assert notes.read_text() == "keep\n"
     assert all(math.isfinite(step[term]) for step in losses for term in ("total", "mlm", "kd", "codir")), losses
 
     exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "out/student")
