@@ -160,7 +160,7 @@ def open_checkpoints(cfg, identity: dict[str, Any], elastic: bool) -> Resume | N
                 )
             _move_aside([directory, cfg.tensorboard_dir, cfg.export_dir])
             directory.mkdir(parents=True)
-        record = {"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record = {"identity": identity, "config": config_to_dict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         files.write_text(directory / RUN_FILE, json.dumps(record, indent=1))
 
     rank0_first(check)

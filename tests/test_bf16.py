@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 from helpers import write_corpus, write_run_config
+from huggingface_hub import ModelCard
 from transformers import AutoModelForMaskedLM
 
 from codir_ds.config import TrainConfig, load_config
@@ -70,6 +71,18 @@ def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
     assert all(math.isfinite(step[term]) for step in losses for term in ("total", "mlm", "kd", "codir")), losses
 
     exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "out/student")
+    card = ModelCard.load(tmp_path / "out/student/README.md")
+    assert (card.data.base_model, card.data.tags, card.data.datasets) == (str(tiny_teacher), ["distillation", "codir", "bert"], ["corpus.txt"])
+    for row in (
+        "| teacher layers | 4 |",
+        "| student layers | 2, initialised from teacher_layers |",
+        "| layer map (teacher layer of each student layer) | [2, 4] |",
+    ):
+        assert row in card.text
+    for row in (f"| seen | {3 * 4 * 32:,} tokens |", "| precision | bf16 |", "| ranks | 1 |", "| pooling | mean |"):
+        assert row in card.text
+    readme, weights = (tmp_path / "out/student" / name for name in ("README.md", "model.safetensors"))
+    assert readme.stat().st_mode == weights.stat().st_mode  # the umask's permissions
     assert exported.dtype == torch.float32  # the fp32 master weights, consolidated
     trained = resumed.student.module.student
     probe = torch.tensor([[2, 5, 9, 11, 7, 3]])
