@@ -1,16 +1,17 @@
 """Stage-1 data path throughput: `prepare`, the masked micro-batch loader, and resuming, side by side.
 
-    python bench/data_throughput.py [--corpus=FILE --teacher=DIR] [--repeats=5] [--batches=1000]
+    python bench/data_throughput.py [--corpus=FILE --teacher=DIR] [--repeats=5] [--batches=1000] [--sections=abc]
 
 (a) prepare MB/s and tokens/s with 1 and 2 processes against the tokenizer's own single-process rate
-    (one batched fast-tokenizer call over the same documents); 2 processes also on the documents shuffled,
-    as `datasets` gives each process a contiguous half of the documents;
+    (one batched fast-tokenizer call over the same documents), and the 2-process speed-up; 2 processes also on
+    the documents shuffled (the pool's batches hold about equal bytes, so the order should not matter);
 (b) loader tokens/s per worker for masked 32 x 128 micro-batches (DataLoader with 1 and 2 workers), the
     in-process rate, and what the training process did before prepared corpora (tokenise, pack and mask with
     transformers' collator inside the step) on the same corpus;
 (c) seconds from creating the reader to the first batch, at sample 0 and at the end of a 10-million-block
     corpus (a sparse tokens.bin).
-Without --corpus the demo corpus (Wikipedia + news) and MiniLM teacher are used. Tokenizers run one thread per
+`--sections` picks which of (a), (b), (c) to run. Without --corpus the demo corpus (Wikipedia articles + news,
+documents from a few words to 117k characters) and MiniLM teacher are used. Tokenizers run one thread per
 process (TOKENIZERS_PARALLELISM=false). Medians of `repeats`, variants interleaved. Prints a Markdown table.
 """
 
@@ -97,21 +98,41 @@ def sparse_corpus(template: Path, folder: Path, blocks: int) -> Path:
     return folder
 
 
-def main(corpus: str = "", teacher: str = "", repeats: int = 5, batches: int = 1000, blocks: int = 10_000_000) -> None:
-    work = Path(tempfile.mkdtemp(prefix="data_bench_"))
+def main(corpus: str = "", teacher: str = "", repeats: int = 5, batches: int = 1000, blocks: int = 10_000_000, sections: str = "abc") -> None:
+    work, load = Path(tempfile.mkdtemp(prefix="data_bench_")), os.getloadavg()[0]  # other work skews every figure
     if not corpus:
         config = yaml.safe_load(Path(prepare_demo(str(work / "demo"))).read_text())
         corpus, teacher = config["data"]["files"][0], config["teacher"]["path"]
     teacher = teacher or str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     documents = [json.loads(line)["text"] for line in Path(corpus).open()] if corpus.endswith(".jsonl") else Path(corpus).read_text().splitlines()
+    lengths = sorted(len(d) for d in documents)
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
-
-    # (a) prepare vs the tokenizer
     prepared = work / "prepared"
     prepare_corpus([corpus], teacher, str(prepared))  # also fills the datasets cache: timings exclude parsing the file
     tokens = PreparedCorpus(str(prepared)).meta["counts"]["tokens"]
-    shuffled = work / "shuffled.jsonl"  # the same documents in random order: both halves hold about half the bytes
+    rows, summary = [], []
+    if "a" in sections:
+        rows += prepare_rows(corpus, teacher, tokenizer, documents, megabytes, tokens, work, repeats, summary)
+    if "b" in sections:
+        rows += loader_rows(PreparedCorpus(str(prepared)), tokenizer, documents, batches, repeats, summary)
+    if "c" in sections:
+        rows += resume_rows(PreparedCorpus(str(prepared)), work, blocks, repeats, summary)
+    print(
+        f"\ncorpus {corpus}: {megabytes:.1f} MB, {len(documents)} documents of {lengths[0]:,} to {lengths[-1]:,} characters "
+        f"(median {lengths[len(lengths) // 2]:,}), {tokens:,} tokens; teacher {teacher}; {os.cpu_count()} CPUs; median of {repeats}; "
+        f"1-minute load average at the start {load:.2f}\n"
+    )
+    print("| measurement | rate | comparison |")
+    print("| --- | --- | --- |")
+    print("\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows))
+    print("\n" + "; ".join(summary))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def prepare_rows(corpus: str, teacher: str, tokenizer, documents: list[str], megabytes: float, tokens: int, work: Path, repeats: int, summary):
+    """(a) prepare with 1 and 2 processes (and on the documents shuffled) against the tokenizer alone."""
+    shuffled = work / "shuffled.jsonl"
     random.Random(0).shuffle(order := list(documents))
     shuffled.write_text("".join(json.dumps({"text": d}) + "\n" for d in order))
     prepare_corpus([str(shuffled)], teacher, str(work / "shuffled"))
@@ -124,23 +145,12 @@ def main(corpus: str = "", teacher: str = "", repeats: int = 5, batches: int = 1
             times[variant].append(timed(lambda: prepare_corpus([source], teacher, str(work / "timed"), num_proc=procs)))
     seconds = {k: statistics.median(v) for k, v in times.items()}
     reference = megabytes / seconds["tokenizer"]
-    half_bytes = sum(len(d.encode()) for d in documents[: (len(documents) + 1) // 2]) / 1e6
-
-    # (b) loader vs the old stream
-    reader = PreparedCorpus(str(prepared))
-    micro = MicroBatches(reader, BATCH, seed=0)
-    rates = {w: [loader_rate(micro, w, batches) for _ in range(repeats)] for w in (0, 1, 2)}
-    old = statistics.median(in_step_rate(tokenizer, documents, batches // 4) for _ in range(repeats))
-    wall = {w: statistics.median(r[0] for r in rates[w]) for w in rates}
-    cpu = {w: statistics.median(r[1] for r in rates[w]) for w in (1, 2)}
-    main_cpu = {w: statistics.median(r[2] for r in rates[w]) for w in (1, 2)}
-
-    # (c) resume
-    big = sparse_corpus(reader.parts[0], work / "big", blocks)
-    end = blocks - BATCH
-    resume = {(s, w): statistics.median(first_batch_seconds(big, s, w) for _ in range(repeats)) for s in (0, end) for w in (0, 2)}
-
-    rows = [
+    summary += [
+        f"prepare {megabytes / seconds['1 process']:.2f} MB/s per process",
+        f"2-process speed-up {seconds['1 process'] / seconds['2 processes']:.2f}x",
+        f"load average after (a) {os.getloadavg()[0]:.2f}",
+    ]
+    return [
         ("(a) tokenizer alone, 1 process, batched call", f"{reference:.2f} MB/s, {tokens / seconds['tokenizer']:,.0f} tokens/s", "reference"),
         *[
             (
@@ -151,6 +161,19 @@ def main(corpus: str = "", teacher: str = "", repeats: int = 5, batches: int = 1
             )
             for v, (_, procs) in variants.items()
         ],
+    ]
+
+
+def loader_rows(reader: PreparedCorpus, tokenizer, documents: list[str], batches: int, repeats: int, summary):
+    """(b) the masked micro-batch loader against the old in-step stream."""
+    micro = MicroBatches(reader, BATCH, seed=0)
+    rates = {w: [loader_rate(micro, w, batches) for _ in range(repeats)] for w in (0, 1, 2)}
+    old = statistics.median(in_step_rate(tokenizer, documents, batches // 4) for _ in range(repeats))
+    wall = {w: statistics.median(r[0] for r in rates[w]) for w in rates}
+    cpu = {w: statistics.median(r[1] for r in rates[w]) for w in (1, 2)}
+    main_cpu = {w: statistics.median(r[2] for r in rates[w]) for w in (1, 2)}
+    summary.append(f"loader {wall[2] / 2:.0f} tokens/s per worker")
+    return [
         ("(b) tokenise + pack + collate inside the step (the old stream's work)", f"{old:,.0f} tokens/s", "reference"),
         ("(b) MicroBatches, in process", f"{wall[0]:,.0f} tokens/s", f"{wall[0] / old:.1f}x old stream"),
         *[
@@ -161,25 +184,20 @@ def main(corpus: str = "", teacher: str = "", repeats: int = 5, batches: int = 1
             )
             for w in (1, 2)
         ],
-        *[
-            (f"(c) first batch at sample {s:,}, {w} workers", f"{resume[s, w]:.3f} s", f"{blocks:,} blocks of {reader.block_length}")
-            for s in (0, end)
-            for w in (0, 2)
-        ],
     ]
-    print(
-        f"\ncorpus {corpus}: {megabytes:.1f} MB, {len(documents)} documents, {tokens:,} tokens; teacher {teacher}; "
-        f"{os.cpu_count()} CPUs; median of {repeats}; first half of the documents = {half_bytes / megabytes:.0%} of the bytes "
-        "(prepare's 2 processes get contiguous halves)\n"
-    )
-    print("| measurement | rate | comparison |")
-    print("| --- | --- | --- |")
-    print("\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows))
-    print(
-        f"\nloader {wall[2] / 2:.0f} tokens/s per worker; prepare {megabytes / seconds['1 process']:.2f} MB/s per process; "
-        f"resume at end {max(resume[end, w] for w in (0, 2)):.3f} s"
-    )
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def resume_rows(reader: PreparedCorpus, work: Path, blocks: int, repeats: int, summary):
+    """(c) seconds to the first batch at the start and at the end of a large (sparse) corpus."""
+    big = sparse_corpus(reader.parts[0], work / "big", blocks)
+    end = blocks - BATCH
+    resume = {(s, w): statistics.median(first_batch_seconds(big, s, w) for _ in range(repeats)) for s in (0, end) for w in (0, 2)}
+    summary.append(f"resume at end {max(resume[end, w] for w in (0, 2)):.3f} s")
+    return [
+        (f"(c) first batch at sample {s:,}, {w} workers", f"{resume[s, w]:.3f} s", f"{blocks:,} blocks of {reader.block_length}")
+        for s in (0, end)
+        for w in (0, 2)
+    ]
 
 
 def in_step_rate(tokenizer, documents: list[str], batches: int) -> float:

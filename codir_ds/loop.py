@@ -16,6 +16,7 @@ from .method.losses import CONTRASTIVE_STATS
 from .runs.checkpoint import Resume, latest_tag, load_checkpoint, save_checkpoint
 from .runs.export import save_student_spec
 from .runs.monitor import Monitor, average_terms
+from .runs.run_folder import run_started_ns
 from .runtime.config import config_to_dict
 from .runtime.distributed import all_ranks, print0, rank, world_size
 from .runtime.errors import CodirError
@@ -50,7 +51,7 @@ def train(cfg, stage, resume: Resume | None, stop_after: int | None = None) -> T
     accumulation = cfg.train.gradient_accumulation_steps
     samples = cfg.train.micro_batch_size * accumulation * world_size()
     last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
-    result, stop = TrainResult(start), StopRequest(cfg.stop_file)
+    result, stop = TrainResult(start), StopRequest(cfg.stop_file, run_started_ns(cfg.output.dir))
     for step in range(start + 1, last + 1):
         terms = average_terms([stage.micro_step() for _ in range(accumulation)])  # tensors: no host sync here
         stopping = _check_step(terms, stop.requested(), step, checkpoints)  # the step's one all-reduce and host sync

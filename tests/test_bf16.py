@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 from helpers import write_corpus, write_run_config
+from huggingface_hub import ModelCard
 from transformers import AutoModelForMaskedLM
 
 from codir_ds.method.losses import contrastive_logits, info_nce, sampled_contrastive_logits
@@ -47,12 +48,14 @@ def test_contrastive_logits_and_info_nce_are_float32_under_bf16_heads():
 
 @pytest.mark.skipif(not get_accelerator().is_bf16_supported(), reason="this DeepSpeed accelerator reports no bf16 support")
 def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
+    notes = tmp_path / "notes"
+    notes.write_text("keep\n")  # a user's one-word file, named as the stop file: older than the run, it is no request
     config = write_run_config(
         tmp_path,
         tiny_teacher,
         write_corpus(tmp_path / "corpus.txt", documents=60),
         train={"deepspeed_config": "ds_configs/cpu_bf16.json", "max_steps": 3},
-        checkpoint={"every": 2},
+        checkpoint={"every": 2, "stop_file": str(notes)},
         data={"num_workers": 0},
         loss={"kd": 0.5},
     )
@@ -63,10 +66,24 @@ def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
     assert whole.objective.queue.features.dtype == torch.float32
     assert whole.objective.queue.filled == 12
     assert all(math.isfinite(step[term]) for step in whole.history for term in ("total", "mlm", "kd", "codir")), whole.history
+    assert not whole.stopped
+    assert notes.read_text() == "keep\n"
 
     resumed = run_pretraining(load_config(PretrainConfig, str(config), {"checkpoint.resume": "step_2"}))  # step 3 again, then the export
     assert resumed.history == whole.history[2:]  # bit for bit: the bf16 weights and the fp32 master weights came back
     exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "out/student")
+    card = ModelCard.load(tmp_path / "out/student/README.md")
+    assert (card.data.base_model, card.data.tags, card.data.datasets) == (str(tiny_teacher), ["distillation", "codir", "bert"], ["corpus.txt"])
+    for row in (
+        "| teacher layers | 4 |",
+        "| student layers | 2, initialised from teacher_layers |",
+        "| layer map (teacher layer of each student layer) | [2, 4] |",
+    ):
+        assert row in card.text
+    for row in (f"| seen | {3 * 4 * 32:,} tokens |", "| precision | bf16 |", "| ranks | 1 |", "| pooling | mean |"):
+        assert row in card.text
+    readme, weights = (tmp_path / "out/student" / name for name in ("README.md", "model.safetensors"))
+    assert readme.stat().st_mode == weights.stat().st_mode  # the umask's permissions
     assert exported.dtype == torch.float32  # the fp32 master weights, consolidated
     trained = resumed.student.module.student.state_dict()
     for name, value in exported.state_dict().items():  # the bf16 weights are the master weights rounded

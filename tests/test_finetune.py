@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from helpers import REPO, child_env, plain_accuracy, save_task_teacher, save_tiny_model, tensorboard_scalars, write_task, write_task_config
+from huggingface_hub import ModelCard
 from test_pretrain_cli import one_line_error
 from transformers import AutoConfig
 
@@ -57,6 +58,12 @@ def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
     assert run.history[-1]["ce"] < run.history[0]["ce"]  # the MSE on the score falls
     results = json.loads((tmp_path / "out/student/eval_results.json").read_text())
     assert set(results["best"]["metrics"]["dev"]) == {"pearson", "spearman"}
+    card = ModelCard.load(tmp_path / "out/student/README.md")
+    assert {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results} == {
+        ("dev", metric): value for metric, value in results["best"]["metrics"]["dev"].items()
+    }
+    assert (card.data.base_model, card.data.datasets) == (str(teacher), ["train.csv"])
+    assert f"best dev/pearson, step {results['best']['step']}" in card.text
     exported = AutoConfig.from_pretrained(tmp_path / "out/student")
     assert exported.num_labels == 1
     assert exported.problem_type == "regression"

@@ -4,10 +4,19 @@ import pytest
 import torch
 from helpers import save_tiny_model, write_tokenizer
 from safetensors.torch import load_file
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from codir_ds.models.loading import build_student, check_same_tokenizer, has_mlm_head, load_teacher, read_model_config, student_model_config
-from codir_ds.runtime.config import StudentConfig
+from codir_ds.models.loading import (
+    build_student,
+    check_same_tokenizer,
+    has_mlm_head,
+    load_teacher,
+    plan_models,
+    read_model_config,
+    student_model_config,
+)
+from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.runtime.config import StudentConfig, TeacherConfig
 from codir_ds.runtime.errors import CodirError
 
 
@@ -58,3 +67,16 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, tiny_teacher):
     with pytest.raises(CodirError, match="tokenizer of .* differs from the teacher's"):
         check_same_tokenizer(str(tiny_teacher), str(other))
     check_same_tokenizer(str(tiny_teacher), str(tiny_teacher))  # same vocabulary: no error
+
+
+def test_a_tokenizer_reaching_past_the_teachers_embedding_rows_is_refused_before_weights_load(tmp_path, tiny_teacher):
+    teacher = save_tiny_model(tmp_path / "teacher", layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    assert len(tokenizer) == read_model_config(str(teacher), "teacher").vocab_size  # fits: planned without error
+    plan_models(PretrainConfig(teacher=TeacherConfig(path=str(teacher))))
+    tokenizer.add_tokens(["newword"])  # added, but the embeddings were not resized
+    tokenizer.save_pretrained(teacher)
+    (teacher / "model.safetensors").write_bytes(b"never read")
+    with pytest.raises(CodirError) as err:
+        plan_models(PretrainConfig(teacher=TeacherConfig(path=str(teacher))))
+    assert str(err.value).startswith(f"teacher.path: the tokenizer of {str(teacher)!r} has ids up to 30, past the teacher's 30 embedding rows;")

@@ -3,11 +3,16 @@
 import gzip
 import json
 import os
+import resource
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_corpus
+from helpers import REPO, WORDS, child_env, write_corpus
 from transformers import AutoTokenizer, BertTokenizerFast
 
 from codir_ds.pretrain import prepare as prep
@@ -61,6 +66,7 @@ def test_blocks_decode_to_the_documents_and_meta_counts_them(prepared, corpus, t
         "empty": 0,
         "undecodable": 0,
         "long": long,
+        "unknown": 0,
         "tokens": len(words),
         "blocks": blocks,
         "dropped_tail_tokens": len(words) - blocks * (SEQ - 2),
@@ -85,6 +91,7 @@ def test_empty_undecodable_and_long_documents_are_counted(tiny_teacher, tmp_path
         "empty": 2,
         "undecodable": 1,
         "long": 2,
+        "unknown": 0,
         "tokens": tokens,
         "blocks": tokens // 30,
         "dropped_tail_tokens": tokens % 30,
@@ -139,6 +146,42 @@ def test_shards_hold_contiguous_halves(prepared, corpus, tiny_teacher, tokenizer
 def test_two_processes_give_the_same_tokens(prepared, corpus, tiny_teacher, tmp_path):
     prepare_corpus([str(corpus)], str(tiny_teacher), str(tmp_path), max_seq_length=SEQ, num_proc=2)
     assert np.array_equal(all_tokens(tmp_path), all_tokens(prepared))
+    assert (tmp_path / "part-00000-of-00001/tokens.bin").read_bytes() == (prepared / "part-00000-of-00001/tokens.bin").read_bytes()
+
+
+def test_batches_hold_about_equal_bytes_in_order():
+    import pyarrow as pa
+
+    from codir_ds.pretrain.tokenise import BATCH_DOCUMENTS, balanced_batches
+
+    texts = pa.chunked_array([["a" * 10] * 100 + ["b" * 5_000] + [None] * 3, ["c" * 10] * 99])
+    batches = balanced_batches(texts, processes=2)
+    assert [start for start, _ in batches] == [0] + [stop for _, stop in batches[:-1]]
+    assert batches[-1][1] == len(texts)
+    share = 6_990 // (2 * 16)  # bytes per batch: 16 per process
+    sizes = {(a, b): sum(len(t or "") for t in texts[a:b].to_pylist()) for a, b in batches}
+    assert all(size <= share + 10 for (a, b), size in sizes.items() if not a <= 100 < b)  # all but the long one's
+    assert len(balanced_batches(pa.chunked_array([["abc"] * 960]), processes=2)) == 32
+    assert [b - a for a, b in balanced_batches(pa.chunked_array([[""] * 5_000]), processes=1)] == [BATCH_DOCUMENTS, BATCH_DOCUMENTS, 1_000]
+
+
+def test_in_a_pipe_unknown_words_are_counted_noticed_and_no_bar_is_drawn(tiny_teacher, tmp_path):
+    corpus = tmp_path / "foreign.txt"
+    corpus.write_text("".join(f"{WORDS[i % 5]} qux quux corge grault\n" for i in range(40)))  # 4 of every 6 tokens unknown
+    command = [sys.executable, "-m", "codir_ds", "prepare", str(corpus), f"--tokenizer={tiny_teacher}", f"--out={tmp_path / 'out'}"]
+    result = subprocess.run(
+        [*command, f"--max_seq_length={SEQ}", "--num_proc=2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=child_env(PYTHONPATH=str(REPO)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stdout + result.stderr
+    counts = PreparedCorpus(str(tmp_path / "out")).meta["counts"]
+    assert (counts["unknown"], counts["tokens"]) == (160, 240)
+    assert f"notice: 66.7% of the tokens are [UNK] (unknown to the tokenizer {tiny_teacher})" in result.stdout
 
 
 def test_interrupted_prepare_leaves_no_readable_part(corpus, tiny_teacher, tmp_path, monkeypatch):
@@ -165,6 +208,16 @@ def test_rerun_reuses_and_changed_input_needs_overwrite(tiny_teacher, tmp_path, 
     prepare_corpus([str(corpus)], str(tiny_teacher), str(out), max_seq_length=SEQ)
     assert tokens_bin.stat().st_mtime_ns == stamp
     assert "up to date, reusing it" in capsys.readouterr().out
+    part = out / "part-00000-of-00001"
+    with file_size_limit(1024), pytest.raises(CodirError) as full:  # as on a full disk
+        prepare_corpus([str(corpus)], str(tiny_teacher), str(out), max_seq_length=SEQ, overwrite=True)
+    assert (
+        str(full.value)
+        == f"prepare: cannot write {part}.partial/tokens.bin (File too large); {part} is left untouched: free disk space and run again"
+    )
+    assert os.listdir(out) == [part.name]
+    assert tokens_bin.stat().st_mtime_ns == stamp
+    assert "notice" not in capsys.readouterr().out  # no [UNK] in this corpus
     write_corpus(corpus, documents=60, seed=1)
     with pytest.raises(CodirError, match="other inputs.*--overwrite=true") as err:
         prepare_corpus([str(corpus)], str(tiny_teacher), str(out), max_seq_length=SEQ)
@@ -172,6 +225,18 @@ def test_rerun_reuses_and_changed_input_needs_overwrite(tiny_teacher, tmp_path, 
     assert str(out / "part-00000-of-00001") in str(err.value)
     prepare_corpus([str(corpus)], str(tiny_teacher), str(out), max_seq_length=SEQ, overwrite=True)
     assert PreparedCorpus(str(out)).meta["counts"]["documents"] == 60
+
+
+@contextmanager
+def file_size_limit(size: int):
+    """Writing past `size` bytes fails (EFBIG) in this process, as writing to a full disk does."""
+    handler, limits = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def write_bad(tmp_path: Path, case: str) -> tuple[list[str], dict]:

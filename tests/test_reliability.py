@@ -16,7 +16,6 @@ import torch
 from helpers import write_tokenizer
 from safetensors.torch import save_file
 
-from codir_ds import files
 from codir_ds.finetune.config import TaskConfig
 from codir_ds.finetune.data import load_task_data, resolve_task
 from codir_ds.method.losses import contrastive_logits
@@ -26,6 +25,7 @@ from codir_ds.runs.checkpoint import _prune, find_resume, load_checkpoint
 from codir_ds.runs.export import export_student
 from codir_ds.runs.run_folder import RunLock, _require_same_identity, run_identity, weight_sample
 from codir_ds.runs.state_files import load_state, save_state
+from codir_ds.runtime import files
 from codir_ds.runtime.config import TrainConfig, load_config
 from codir_ds.runtime.errors import CodirError
 

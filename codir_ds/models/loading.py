@@ -47,6 +47,7 @@ def plan_models(cfg) -> ModelPlan:
     """Check teacher, student and layer map of a stage's run config (its `teacher`, `student` and `codir`
     sections) against each other; raise `CodirError` on any mismatch."""
     teacher_config = read_model_config(cfg.teacher.path, "teacher.path")
+    check_tokenizer_fits(load_tokenizer(cfg.teacher.path, "teacher.path"), teacher_config, cfg.teacher.path)
     layout = encoder_layout(teacher_config)
     if cfg.student.init == "teacher_layers" and layout.layers is None:
         raise CodirError(
@@ -79,6 +80,16 @@ def load_tokenizer(source: str, role: str):
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
         raise CodirError(f"{role}: cannot load a tokenizer from {source!r}: {error_line(err)}") from None
+
+
+def check_tokenizer_fits(tokenizer, config: PretrainedConfig, source: str) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding rows (tokens added without resizing them)."""
+    top = max(tokenizer.get_vocab().values(), default=-1)
+    if top >= config.vocab_size:
+        raise CodirError(
+            f"teacher.path: the tokenizer of {source!r} has ids up to {top}, past the teacher's {config.vocab_size} embedding rows; "
+            "use the tokenizer the teacher was trained with, or resize its embeddings (resize_token_embeddings) and save it"
+        )
 
 
 def checkpoint_tensor_names(source: str) -> list[str]:

@@ -1,9 +1,10 @@
 """Stage-1 corpus preparation: tokenise once, pack into fixed-length blocks, write a memory-mappable folder.
 
 A prepared folder holds one subfolder per shard, `part-{i:05d}-of-{n:05d}/`, each with `tokens.bin` (the
-blocks, one flat uint16/uint32 array) and `meta.json`. Documents are separated by the tokenizer's [SEP]; the
-[CLS] ... [SEP] around each block are added at load time (see `data.py`). n shards can be prepared by n
-independent jobs; each part is written to `<part>.partial/` and renamed when complete.
+blocks, one flat uint16/uint32 array, written by `tokenise.py`) and `meta.json` (counts of documents, tokens,
+[UNK] ids, blocks ...). Documents are separated by the tokenizer's [SEP]; the [CLS] ... [SEP] around each block
+are added at load time (see `data.py`). n shards can be prepared by n independent jobs; each part is written to
+`<part>.partial/` and renamed when complete.
 """
 
 from __future__ import annotations
@@ -15,22 +16,22 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from ..models.loading import load_tokenizer
 from ..runtime.errors import CodirError, error_line
-from ..runtime.files import publish
+from ..runtime.files import PARTIAL, publish
+from ..runtime.progress import on_terminal
+from .tokenise import write_blocks
 
 FORMAT_VERSION = 1
-MAX_CHARS_PER_PIECE = 100_000  # very long documents are tokenised piecewise
-MAP_BATCH_SIZE = 2_000  # documents per tokenizer call
-PACK_CHUNK_ROWS = 20_000  # documents per packing/writing step
+UNKNOWN_NOTICE = 0.01  # a larger share of [UNK] ids is reported: likely the wrong tokenizer for this text
 _BUILDERS = {".txt": "text", ".text": "text", ".cor": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz")
 _SHARD = re.compile(r"(\d+)/(\d+)")
@@ -79,6 +80,8 @@ def prepare_corpus(
         return final
     if files and not sum(d["bytes"] for d in described):
         raise CodirError(f"prepare: the corpus {_describe(files, hub)} holds no documents (empty files)")
+    if not on_terminal():
+        datasets.disable_progress_bars()  # their carriage returns would pile up in a log file
     corpus = _load(files, hub, dataset_config, split)
     _check_text_column(corpus, text_column)
     corpus = corpus.shard(count, index, contiguous=True)
@@ -86,36 +89,17 @@ def prepare_corpus(
         raise CodirError(f"prepare: the corpus {_describe(files, hub)} holds no documents" + (f" for shard {shard}" if count > 1 else ""))
     text_bytes = pc.sum(pc.binary_length(corpus.data.column(text_column))).as_py() or 0
     dtype = np.uint16 if len(tok) <= 65536 else np.uint32
-    partial = final.with_name(final.name + ".partial")
+    partial = final.with_name(final.name + PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)  # left by a crashed run
     partial.mkdir(parents=True)
-    features = datasets.Features({"ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name)), "undecodable": datasets.Value("bool")})
-    tokenised = corpus.map(
-        _tokenise,
-        batched=True,
-        batch_size=MAP_BATCH_SIZE,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=corpus.column_names,
-        features=features,
-        fn_kwargs={"tokenizer": tok, "column": text_column},
-        cache_file_name=str(partial / "tokenised.arrow"),
-        load_from_cache_file=False,
-        desc="tokenising",
-        new_fingerprint=fingerprint[:40],
-    )  # spares datasets hashing the tokenizer
-
-    counts = document_counts(tokenised.data, block)
-    with (partial / "tokens.bin").open("wb") as handle:
-        blocks = pack_blocks(tokenised.data.column("ids"), block, dtype, handle, counts["tokens"])
-    if blocks == 0:
+    with _written(partial / "tokens.bin", final), (partial / "tokens.bin").open("wb") as handle:
+        counts = write_blocks(corpus.data.column(text_column), tok, block, dtype, handle, num_proc)
+    if counts["blocks"] == 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise CodirError(
             f"prepare: the corpus {_describe(files, hub)} is too short for one block of {block} tokens (it has {counts['tokens']} tokens)"
         )
-    del tokenised
-    for path in partial.glob("tokenised*.arrow"):
-        path.unlink()
-    counts.update(blocks=blocks, dropped_tail_tokens=counts["tokens"] - blocks * block)
+    counts["dropped_tail_tokens"] = counts["tokens"] - counts["blocks"] * block
     meta = {
         "format": FORMAT_VERSION,
         "tokenizer": tok.name_or_path,
@@ -130,15 +114,21 @@ def prepare_corpus(
         "shard": f"{index}/{count}",
         "fingerprint": fingerprint,
     }
-    (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+    with _written(partial / "meta.json", final):
+        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
     publish(partial, final)  # replaces an earlier part (--overwrite)
 
     seconds = time.perf_counter() - start
     print(
         f"codir-ds prepare: part {index}/{count}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, "
-        f"{blocks:,} blocks of {block} in {seconds:.1f} s ({text_bytes / seconds / 1e6:.2f} MB/s, "
+        f"{counts['blocks']:,} blocks of {block} in {seconds:.1f} s ({text_bytes / seconds / 1e6:.2f} MB/s, "
         f"{counts['tokens'] / seconds:,.0f} tokens/s) -> {final}"
     )
+    if counts["unknown"] > UNKNOWN_NOTICE * counts["tokens"]:
+        print(
+            f"codir-ds prepare: notice: {counts['unknown'] / counts['tokens']:.1%} of the tokens are {tok.unk_token} (unknown to the "
+            f"tokenizer {tok.name_or_path}); is it the teacher's tokenizer for this text?"
+        )
     return final
 
 
@@ -189,71 +179,6 @@ def resolve_sources(sources: list[str]) -> tuple[list[str], str]:
             raise CodirError(f"prepare: no such file {source}")
     _builder(files)
     return files, ""
-
-
-def document_counts(table: pa.Table, block: int) -> dict[str, int]:
-    """documents, empty, undecodable, long (more tokens than one block) and tokens (separators included)."""
-    lengths = pc.list_value_length(table.column("ids"))
-    return {
-        "documents": table.num_rows,
-        "empty": _int(pc.sum(pc.equal(lengths, 0))),
-        "undecodable": _int(pc.sum(table.column("undecodable"))),
-        "long": _int(pc.sum(pc.greater(lengths, block + 1))),
-        "tokens": _int(pc.sum(lengths)),
-    }
-
-
-def pack_blocks(ids: pa.ChunkedArray, block: int, dtype, handle, total_tokens: int) -> int:
-    """Write the flat token stream of `ids` (a list column) to `handle` as whole blocks; return their number.
-
-    The incomplete tail is dropped. Runs in chunks, so memory stays bounded at any corpus size.
-    """
-    carry = np.empty(0, dtype)
-    written = 0
-    with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="packing", mininterval=1.0) as bar:
-        for start in range(0, len(ids), PACK_CHUNK_ROWS):
-            flat = pc.list_flatten(ids.slice(start, PACK_CHUNK_ROWS)).to_numpy()
-            stream = np.concatenate([carry, flat]) if len(carry) else flat
-            whole = len(stream) // block * block
-            stream[:whole].tofile(handle)
-            carry, written = stream[whole:].copy(), written + whole // block
-            bar.update(len(flat))
-    return written
-
-
-def _tokenise(batch: dict, tokenizer, column: str) -> dict:
-    """Token ids of each document, [SEP] appended ([] for an empty one), and whether it holds U+FFFD."""
-    texts = batch[column]
-    pieces, owners = [], []
-    for doc, text in enumerate(texts):
-        if text is not None and text.strip():
-            for piece in _pieces(text):
-                pieces.append(piece)
-                owners.append(doc)
-    encoded = (
-        tokenizer(pieces, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
-        if pieces
-        else []
-    )
-    ids = [[] for _ in texts]
-    for doc, piece in zip(owners, encoded):
-        ids[doc] += piece
-    sep = tokenizer.sep_token_id
-    for doc in set(owners):
-        ids[doc].append(sep)
-    return {"ids": ids, "undecodable": [text is not None and "\ufffd" in text for text in texts]}
-
-
-def _pieces(text: str):
-    """`text` in pieces of at most MAX_CHARS_PER_PIECE characters, each cut before a space where there is
-    one, so that no word is split."""
-    start = 0
-    while len(text) - start > MAX_CHARS_PER_PIECE:
-        cut = text.rfind(" ", start + 1, start + MAX_CHARS_PER_PIECE)
-        cut = cut if cut > 0 else start + MAX_CHARS_PER_PIECE
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
 
 
 def _load(files: list[str], hub: str, dataset_config: str, split: str) -> datasets.Dataset:
@@ -329,5 +254,14 @@ def _sha256(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _int(scalar: pa.Scalar) -> int:
-    return int(scalar.as_py() or 0)
+@contextmanager
+def _written(path: Path, final: Path):
+    """An OSError while writing `path` (a full disk, a quota) becomes one line naming it and `final`, which is left
+    untouched; the partial folder is removed."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(final.with_name(final.name + PARTIAL), ignore_errors=True)
+        raise CodirError(
+            f"prepare: cannot write {path} ({err.strerror or error_line(err)}); {final} is left untouched: free disk space and run again"
+        ) from None

@@ -1,5 +1,5 @@
-"""Export: consolidate a (ZeRO-sharded) checkpoint into a plain Hugging Face student folder, written into a
-temporary folder and renamed into place, readable per the umask."""
+"""Export: consolidate a (ZeRO-sharded) checkpoint into a plain Hugging Face student folder with its model card,
+written into a temporary folder and renamed into place, readable per the umask."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from transformers import (
 from ..runtime import files
 from .checkpoint import LATEST, TAG, latest_tag
 from ..runtime.errors import CodirError, error_line
+from .model_card import checkpoint_card
 
 STUDENT_SPEC = "student_spec"  # folder beside the checkpoints: the student's config.json and tokenizer
 STUDENT_PREFIX = "student."  # parameters under StudentWithHeads.student; heads are dropped
@@ -35,8 +36,15 @@ def save_student_spec(directory: Path, student: PreTrainedModel, tokenizer) -> N
     tokenizer.save_pretrained(spec)
 
 
-def export_student(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | None = None, overwrite: bool = False) -> Path:
-    """Write the student (no projection heads) as safetensors + config + tokenizer into `out_dir`, which must not
+def export_student(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    tag: str | None = None,
+    overwrite: bool = False,
+    metrics: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """Write the student (no projection heads) as safetensors + config + tokenizer + model card (`README.md`, with
+    `metrics`, split -> metric -> value, or the dev scores of a stage-2 checkpoint) into `out_dir`, which must not
     exist or be empty unless `overwrite` (then it is replaced whole, atomically)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     spec = checkpoint_dir / STUDENT_SPEC
@@ -63,6 +71,7 @@ def export_student(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | N
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     AutoTokenizer.from_pretrained(spec).save_pretrained(partial)
+    (partial / "README.md").write_text(checkpoint_card(checkpoint_dir, tag, model, out_dir.name, metrics))
     files.readable_per_umask(partial)
     files.publish(partial, out_dir)
     return out_dir

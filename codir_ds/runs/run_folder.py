@@ -21,7 +21,6 @@ from .checkpoint import Resume, find_resume, holds_checkpoints
 from ..runtime.config import config_to_dict
 from ..runtime.distributed import print0, rank0_first
 from ..runtime.errors import CodirError
-from ..runtime.preemption import clear_stop_file
 
 RUN_FILE = "run.json"
 LOCK_FILE = "codir.lock"
@@ -126,18 +125,25 @@ def hold_run_folder(folder: Path) -> RunLock:
     return lock
 
 
+def run_started_ns(folder: Path) -> int:
+    """When the run holding `folder` started: its lock's st_mtime_ns, on the clock of the file system that holds the
+    stop file by default (the present where the lock is not visible: only rank 0, which holds it, reads the stop file)."""
+    try:
+        return (Path(folder) / LOCK_FILE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return time.time_ns()
+
+
 def open_checkpoints(cfg, identity: dict[str, Any], elastic: bool) -> Resume | None:
     """The checkpoint to resume from, after checking it was written by a run of the same `identity`, on this
     world size unless `elastic` (then converted to a universal checkpoint where it needs it), and is not past
     `train.max_steps`; for a fresh start, the folder is made free
-    (another run's checkpoints moved aside with `output.overwrite`, else refused) and the identity recorded.
-    The stop file a stopped run left is cleared either way."""
+    (another run's checkpoints moved aside with `output.overwrite`, else refused) and the identity recorded."""
     directory = cfg.checkpoint_dir
 
     def check() -> None:
         directory.mkdir(parents=True, exist_ok=True)
         files.recover(directory)
-        clear_stop_file(cfg.stop_file)
         resume = find_resume(directory, cfg.checkpoint.resume)
         if resume is not None:
             if not elastic:
@@ -158,7 +164,7 @@ def open_checkpoints(cfg, identity: dict[str, Any], elastic: bool) -> Resume | N
                 )
             _move_aside([directory, cfg.tensorboard_dir, cfg.export_dir])
             directory.mkdir(parents=True)
-        record = {"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record = {"identity": identity, "config": config_to_dict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         files.write_text(directory / RUN_FILE, json.dumps(record, indent=1))
 
     rank0_first(check)

@@ -73,7 +73,7 @@ class CheckpointConfig:
     dir: str = ""  # default: <output.dir>/checkpoints
     resume: str = "latest"  # "latest", "" (start fresh) or a tag such as step_500
     keep: int = 2  # most recent checkpoints kept on disk
-    stop_file: str = ""  # creating this file stops the run gracefully, like SIGUSR1; default <checkpoint dir>/STOP
+    stop_file: str = ""  # creating or touching it after the start stops the run gracefully, like SIGUSR1; default <checkpoint dir>/STOP
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Graceful stops: SIGUSR1/SIGTERM (SLURM's warning before a time limit or preemption), Ctrl-C (SIGINT) or a
 stop file make every rank stop at the same step boundary, after a checkpoint; a second Ctrl-C aborts at once.
-A stopped run exits with `EXIT_STOPPED`, which the sbatch scripts take as "requeue"."""
+A stop file counts only when created or touched after the run started, so one left by an earlier run (or a
+user's file of that name) never stops a run and never needs deleting. A stopped run exits with `EXIT_STOPPED`,
+which the sbatch scripts take as "requeue"."""
 
 from __future__ import annotations
 
@@ -9,18 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .distributed import print0, rank
-from .errors import CodirError
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped before train.max_steps, checkpointed; run again (requeue) to go on
-STOP_FILE_MAX_BYTES = 64  # a stop file is empty or a word (`touch STOP`, `echo stop > STOP`); anything else is not ours
 
 
 class StopRequest:
-    """Notes a stop signal (or the stop file, looked at by rank 0) and lets all ranks agree on it each step."""
+    """Notes a stop signal (or the stop file, looked at by rank 0) and lets all ranks agree on it each step. The stop
+    file counts once modified after `since_ns` (the run's start, in the file system's st_mtime_ns)."""
 
-    def __init__(self, stop_file: Path | None):
-        self.stop_file = stop_file
+    def __init__(self, stop_file: Path | None, since_ns: int):
+        self.stop_file, self.since_ns = stop_file, since_ns
         self.received: str | None = None  # name of the signal, or "stop file"
         self._previous = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
 
@@ -31,9 +32,15 @@ class StopRequest:
 
     def requested(self) -> bool:
         """Whether this rank has been asked to stop (ranks agree on it in the loop's one all-reduce per step)."""
-        if self.received is None and self.stop_file is not None and rank() == 0 and self.stop_file.exists():
+        if self.received is None and self.stop_file is not None and rank() == 0 and self._touched():
             self.received = f"stop file {self.stop_file}"
         return self.received is not None
+
+    def _touched(self) -> bool:
+        try:
+            return self.stop_file.stat().st_mtime_ns > self.since_ns
+        except FileNotFoundError:
+            return False
 
     def close(self) -> None:
         """Give the signals back to their previous handlers."""
@@ -45,26 +52,6 @@ class StopRequest:
             f"codir-ds: stopped at step {step} on {self.received or 'another rank’s request'}; checkpoint step_{step} "
             f"written; run the same command again to resume (exit code {EXIT_STOPPED})"
         )
-
-
-def clear_stop_file(path: Path) -> None:
-    """Remove the stop file a stopped run left (this run resumes it); refuse a path holding anything else."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not is_stop_file(path):
-        raise CodirError(
-            f"checkpoint.stop_file: {path} exists and is not a stop file (an empty file, or one word); codir-ds "
-            "removes its stop file at start-up, so name a path that holds nothing of yours"
-        )
-    path.unlink()
-
-
-def is_stop_file(path: Path) -> bool:
-    """A regular file that is empty or holds one word: what `touch` or a script makes to ask for a stop."""
-    if not path.is_file() or path.is_symlink() or path.stat().st_size > STOP_FILE_MAX_BYTES:
-        return False
-    content = path.read_bytes().strip()
-    return not content or content.isalnum()
 
 
 def end_of_step(stop: StopRequest, step: int, last: int, every: int, stopping: bool, save: Callable[[], object]) -> bool:
