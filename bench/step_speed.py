@@ -1,6 +1,6 @@
 """Stage-1 step speed: codir-ds's micro-step against a same-work floor in plain PyTorch, in one process.
 
-    DS_ACCELERATOR=cpu python bench/step_speed.py [--shapes=tiny,paper] [--rounds=5] [--steps=10] [--warmup=3]
+    DS_ACCELERATOR=cpu python bench/step_speed.py [--shapes=tiny,paper] [--rounds=5] [--steps=10] [--large_steps=3] [--warmup=3]
     python bench/step_speed.py --peak_tflops=989          # on an accelerator: adds 64x128, 256x128, 32x512
 
 Variants, interleaved with the order rotated every round:
@@ -10,7 +10,7 @@ Variants, interleaved with the order rotated every round:
   C  codir-ds's own micro-step for each shipped config that applies (`CONFIGS`): the one-device default, the
      multi-rank ZeRO-2 default and a ZeRO-3 teacher. In one process these run at world size 1.
 Every variant gets the same micro-batches in a round. Timing: `warmup` steps, then `rounds` of `steps` steps with
-one synchronise at each end; the median over rounds. FLOPs for TFLOP/s and MFU: `model_flops`, as written in
+one synchronise at each end (`large_steps` at shapes other than tiny); the median over rounds. FLOPs for TFLOP/s and MFU: `model_flops`, as written in
 docs/performance.md. Prints a Markdown table per shape, then the summary line.
 """
 
@@ -281,8 +281,9 @@ def measure(shape_name: str, configs: list, rounds: int, steps: int, warmup: int
     return rows
 
 
-def main(shapes: str = "", rounds: int = 5, steps: int = 10, warmup: int = 3, peak_tflops: float = 0.0) -> None:
+def main(shapes: str = "", rounds: int = 5, steps: int = 10, large_steps: int = 3, warmup: int = 3, peak_tflops: float = 0.0) -> None:
     """`shapes`: comma-separated names of SHAPES (default: tiny,paper, plus the large ones on an accelerator);
+    `steps`: steps per round at tiny, `large_steps` at the other shapes;
     `peak_tflops`: the device's peak for MFU (default: the accelerator table, or a stated CPU estimate)."""
     device = torch.device(get_accelerator().current_device_name())
     accelerator = device.type != "cpu"
@@ -293,19 +294,19 @@ def main(shapes: str = "", rounds: int = 5, steps: int = 10, warmup: int = 3, pe
     peaks, peak_source = device_peak(device, peak_tflops)
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}, {threads} threads"
-    all_rows, skipped = [], []
+    all_rows, skipped, load = [], [], os.getloadavg()[0]
     for name in names:
         with tempfile.TemporaryDirectory() as folder:
             try:
-                all_rows += measure(name, configs, rounds, steps, warmup, device, Path(folder))
+                all_rows += measure(name, configs, rounds, steps if name == "tiny" else large_steps, warmup, device, Path(folder))
             except torch.OutOfMemoryError as err:
                 skipped.append(f"{name} (out of memory: {str(err).splitlines()[0][:120]})")
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\nstep_speed: {device_name}; torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}")
-    print(f"median of {rounds} rounds x {steps} steps after {warmup} warm-up steps, variants interleaved (order rotated)")
+    print(f"\nstep_speed: {device_name}; torch {torch.__version__}; 1-minute load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    print(f"median of {rounds} rounds x {steps} steps (tiny) or {large_steps} (larger shapes) after {warmup} warm-up steps, variants interleaved")
     print("multi-rank configs run at world size 1 in this one process (no collective has a peer)")
     print(f"peak for MFU: {peak_source}")
     print(f"peak memory: {'CUDA max_memory_allocated' if device.type == 'cuda' else 'process peak RSS (all variants resident in one process)'}")
