@@ -154,7 +154,8 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
         losses = first[0]["losses"] + resumed[0]["losses"]
         trained = ("total", "mlm", "kd")  # the CoDIR term (weight 0 here) is logged too, against world-sized negatives
         for got, want in zip(losses, expected_losses, strict=True):
-            assert {k: got[k] for k in trained} == pytest.approx({k: want[k] for k in trained}, rel=1e-5), (first_ranks, second_ranks)
+            # rel 1e-5, and 1e-7 absolute for KD values near 1e-3: the two world sizes sum in another order
+            assert {k: got[k] for k in trained} == pytest.approx({k: want[k] for k in trained}, rel=1e-5, abs=1e-7), (first_ranks, second_ranks)
         assert (folder / "out/checkpoints/step_3_universal/codir_source.txt").is_file()  # converted for the other world size
         exported = AutoModelForMaskedLM.from_pretrained(folder / "out/student").eval()
         with torch.no_grad():
