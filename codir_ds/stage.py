@@ -29,6 +29,7 @@ class Stage(ABC):
 
     elastic = False  # resumes on another world size (its checkpoint state is the same on every rank)
     student: deepspeed.DeepSpeedEngine
+    teacher: torch.nn.Module | None = None  # a frozen module, or a ZeRO-3 inference engine
     tokens_per_sample: int
     ds_config: dict
 
@@ -62,6 +63,12 @@ class Stage(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`."""
 
+    def compile(self) -> None:
+        """`train.compile`: compile the student engine and the teacher (a module or an engine) in place."""
+        self.student.compile()
+        if self.teacher is not None:
+            self.teacher.compile()
+
     def scalars(self) -> dict[str, float]:
         """Scalars beside the loss terms on logging steps (lr, queue fill, ...)."""
         return {"lr": self.student.get_lr()[0]}
@@ -94,6 +101,8 @@ def run_stage(stage_class: type[Stage], cfg, stop_after: int | None = None) -> S
         cfg = stage.cfg  # completed by the stage (e.g. stage 2's step count from its epochs)
         resume = open_checkpoints(cfg, run_identity(cfg, stage.ds_config, {"layer_map": plan.layer_map, **stage.identity()}), stage.elastic)
         stage.build(universal_ds_config(stage.ds_config) if resume and resume.universal_tag else stage.ds_config)
+        if cfg.train.compile:
+            stage.compile()
         result = train(cfg, stage, resume, stop_after)
         stage.finish(result)
         if cfg.output.export and result.done == cfg.train.max_steps:

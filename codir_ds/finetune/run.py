@@ -92,7 +92,7 @@ class FinetuneStage(Stage):
         intermediate = INTERMEDIATE_LOSSES[cfg.loss.intermediate] if cfg.distils and cfg.loss.beta > 0 else None
         token_level = intermediate is not None and intermediate.teacher_input == "tokens"
         if cfg.distils:
-            wrap = lambda model: TeacherTaskOutputs(model, plan.layer_map, cfg.codir.pooling, with_states=token_level)
+            wrap = functools.partial(TeacherTaskOutputs, layer_map=plan.layer_map, pooling=cfg.codir.pooling, with_states=token_level)
             self.teacher = frozen_teacher(cfg.teacher.path, AutoModelForSequenceClassification, wrap, ds_config, cfg.teacher.zero3)
         if cfg.distils and cfg.codir.negatives == "bank" and not token_level:
             self.bank = build_memory_bank(self.teacher, self.data, self.tokenizer, cfg)
@@ -166,7 +166,7 @@ def _objective(cfg: FinetuneConfig, plan: ModelPlan, student, bank: MemoryBank |
     width = student.config.num_hidden_layers * student.config.hidden_size
     args = (width, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.temperature)
     if bank is not None:
-        sampler = torch.Generator().manual_seed(cfg.train.seed + rank())
+        sampler = torch.Generator(device=bank.features.device).manual_seed(cfg.train.seed + rank())
         return CodirObjective(*args, bank=bank, num_negatives=cfg.codir.num_negatives, sampler=sampler)
     return CodirObjective(*args, queue=NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=device()))
 

@@ -19,32 +19,34 @@ class MemoryBank:
 
     def __init__(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, regression: bool):
         self.features, self.logits, self.labels, self.regression = features, logits, labels, regression
-        self._others: dict[int, torch.Tensor] = {}
-        if not regression:
-            for label in labels.unique().tolist():
-                others = torch.nonzero(labels != label).squeeze(1)
-                if len(others) == 0:
-                    raise CodirError(f"task: every training example has label id {label}; label-aware negatives need two labels")
-                self._others[label] = others
-        elif len(labels) < 2:
-            raise CodirError("task: the memory bank needs at least two training examples")
+        if regression:
+            if len(labels) < 2:
+                raise CodirError("task: the memory bank needs at least two training examples")
+            return
+        # other[label, j]: the j-th row of another label (padded), others[label]: how many there are; on the device
+        ids = labels.unique().tolist()
+        rows = [torch.nonzero(labels != label).squeeze(1) for label in range(max(ids) + 1)]
+        for label in ids:
+            if len(rows[label]) == 0:
+                raise CodirError(f"task: every training example has label id {label}; label-aware negatives need two labels")
+        self.other = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(features.device)
+        self.others = torch.tensor([len(r) for r in rows], device=features.device)
 
     def __len__(self) -> int:
         return len(self.features)
 
     def sample_negatives(self, idx: torch.Tensor, labels: torch.Tensor | None, count: int, generator: torch.Generator) -> torch.Tensor:
-        """Bank rows [batch, count] to contrast each anchor against, drawn uniformly with replacement:
-        rows of a different label for classification; any row but the anchor's own for regression."""
-        idx = idx.cpu()
+        """Bank rows [batch, count] to contrast each anchor against, drawn uniformly with replacement on the bank's
+        device by `generator` (of that device; no host sync): rows of a different label for classification, any row
+        but the anchor's own for regression."""
+        device = self.features.device
         if self.regression:
-            draws = torch.randint(len(self) - 1, (len(idx), count), generator=generator)
-            return draws + (draws >= idx.unsqueeze(1)).long()  # skip the anchor's own row
-        rows, labels = torch.empty(len(idx), count, dtype=torch.long), labels.cpu()
-        for label in labels.unique().tolist():
-            anchors = labels == label
-            others = self._others[label]
-            rows[anchors] = others[torch.randint(len(others), (int(anchors.sum()), count), generator=generator)]
-        return rows
+            draws = torch.randint(len(self) - 1, (len(idx), count), generator=generator, device=device)
+            return draws + (draws >= idx.to(device).unsqueeze(1)).long()  # skip the anchor's own row
+        labels = labels.to(device)
+        uniform = torch.rand(len(idx), count, generator=generator, device=device)
+        draws = (uniform * self.others[labels].unsqueeze(1)).long()  # in [0, others of the anchor's label)
+        return self.other[labels.unsqueeze(1), draws]
 
     @property
     def nbytes(self) -> int:

@@ -77,7 +77,7 @@ class CodirObjective(nn.Module):
         return info_nce(logits, positive_index), contrastive_stats(logits.detach(), positive_index, self.tau)
 
     def _bank_logits(self, anchors, teacher_features, labels, ids):
-        rows = self.bank.sample_negatives(ids, labels, self.num_negatives, self.sampler).to(self.bank.features.device)
+        rows = self.bank.sample_negatives(ids, labels, self.num_negatives, self.sampler)
         project = self.heads.project_teacher
         logits = sampled_contrastive_logits(anchors, project(teacher_features), project(self.bank.features[rows]), self.tau)
         return logits, torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)

@@ -7,6 +7,7 @@ checkpoints -> export.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +59,7 @@ class PretrainStage(Stage):
     def build(self, ds_config: dict) -> None:
         cfg, plan = self.cfg, self.plan
         auto = AutoModelForMaskedLM if self.weights.kd > 0 else AutoModel
-        wrap = lambda model: TeacherFeatures(model, plan.layer_map, cfg.codir.pooling, with_logits=self.weights.kd > 0)
+        wrap = functools.partial(TeacherFeatures, layer_map=plan.layer_map, pooling=cfg.codir.pooling, with_logits=self.weights.kd > 0)
         self.teacher = frozen_teacher(cfg.teacher.path, auto, wrap, ds_config, cfg.teacher.zero3)
         student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map)
         queue = NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=device())

@@ -32,6 +32,7 @@ NOT_IDENTITY = (  # settings that do not change what is trained (dotted keys, or
     "train.gradient_accumulation_steps",
     "train.deepspeed_config",  # enters as its content: see `deepspeed_identity`
     "train.comm_timeout_minutes",
+    "train.compile",
     "teacher.zero3",
     "data.num_workers",
     "data.prepare_processes",

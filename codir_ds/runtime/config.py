@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 42  # seed of initialisation, data order and masking
     gradient_clipping: float = 1.0  # clip the gradient norm to this (0 = no clipping)
     comm_timeout_minutes: float = 30.0  # a collective waiting longer (a dead rank or node) fails the run
+    compile: bool = False  # torch.compile the student and the teacher (pays off on long GPU runs: measure with bench/step_speed.py)
 
 
 @dataclass
