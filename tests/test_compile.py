@@ -16,7 +16,8 @@ def test_compiled_run_matches_the_eager_run(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", documents=30)
     runs = {}
     for compiled in (False, True):
-        folder = tmp_path / str(compiled)
+        folder = tmp_path / ("compiled" if compiled else "eager")
+        folder.mkdir()
         config = write_run_config(folder, teacher, corpus, train={"max_steps": 2, "compile": compiled}, data={"num_workers": 0})
         runs[compiled] = run_pretraining(load_config(PretrainConfig, str(config), {"output.export": False}))
     eager, compiled = runs[False], runs[True]
