@@ -27,7 +27,7 @@ from .errors import CodirError, error_line
 @dataclass
 class TeacherConfig:
     path: str = ""  # local folder (or hub name where a network exists) of a BERT/RoBERTa-style model
-    zero3: bool = True  # partition the frozen teacher across ranks with ZeRO-3 inference
+    zero3: bool = True  # partition the frozen teacher across ranks with ZeRO-3 inference (on one rank it runs replicated)
 
 
 @dataclass
