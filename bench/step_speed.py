@@ -51,18 +51,18 @@ SHAPES = {  # name: (model, micro-batch, sequence length, accelerator only)
     "256x128": ("base", 256, 128, True),
     "32x512": ("base", 32, 512, True),
 }
-CONFIGS = {  # device type: [(label, student DeepSpeed config, ZeRO-3 teacher[, train.compile])]; the first is the one-device default
+CONFIGS = {  # device type: [(label, student DeepSpeed config, ZeRO-3 teacher, train.compile)]; the first is the one-device default
     "cpu": [
-        ("one-device default: ZeRO-0, replicated teacher (cpu_zero0)", "ds_configs/cpu_zero0.json", False),
+        ("one-device default: ZeRO-0, replicated teacher (cpu_zero0)", "ds_configs/cpu_zero0.json", False, False),
         ("one-device default, compiled (train.compile)", "ds_configs/cpu_zero0.json", False, True),
-        ("multi-rank default: ZeRO-2 (cpu_small), world size 1", "ds_configs/cpu_small.json", False),
-        ("ZeRO-3 teacher + ZeRO-2 (cpu_small), world size 1", "ds_configs/cpu_small.json", True),
+        ("multi-rank default: ZeRO-2 (cpu_small), world size 1", "ds_configs/cpu_small.json", False, False),
+        ("ZeRO-3 teacher + ZeRO-2 (cpu_small), world size 1", "ds_configs/cpu_small.json", True, False),
     ],
     "cuda": [
-        ("one-device default: ZeRO-0 fp32, replicated teacher (gpu_zero0)", "ds_configs/gpu_zero0.json", False),
+        ("one-device default: ZeRO-0 fp32, replicated teacher (gpu_zero0)", "ds_configs/gpu_zero0.json", False, False),
         ("one-device default, compiled (train.compile)", "ds_configs/gpu_zero0.json", False, True),
-        ("multi-rank default: ZeRO-2 bf16 (zero2_bf16), world size 1", "ds_configs/zero2_bf16.json", False),
-        ("ZeRO-3 teacher + ZeRO-2 bf16 (zero2_bf16), world size 1", "ds_configs/zero2_bf16.json", True),
+        ("multi-rank default: ZeRO-2 bf16 (zero2_bf16), world size 1", "ds_configs/zero2_bf16.json", False, False),
+        ("ZeRO-3 teacher + ZeRO-2 bf16 (zero2_bf16), world size 1", "ds_configs/zero2_bf16.json", True, False),
     ],
 }
 PEAK_TFLOPS = {  # dense, vendor data sheets: bf16 tensor cores; fp32 without TF32 (torch's default for matmuls)
@@ -232,8 +232,8 @@ def measure(shape_name: str, configs: list, rounds: int, steps: int, warmup: int
     model = MODELS[model_name]
     teacher = write_teacher(folder / model_name, model)
     variants: dict[str, tuple[Callable, FloorSettings, str]] = {}  # label: (step, settings, floor label)
-    for label, config, zero3, *compiled in configs:
-        overrides = {"train.deepspeed_config": str(REPO / config), "teacher.zero3": zero3, "train.compile": bool(compiled)}
+    for label, config, zero3, compiled in configs:
+        overrides = {"train.deepspeed_config": str(REPO / config), "teacher.zero3": zero3, "train.compile": compiled}
         codir = codir_ds_step(overrides, teacher, batch, seq)
         floor_label = f"F same-work floor, {precision(codir.settings)}"
         if floor_label not in variants:  # the floor starts from the first codir-ds variant's weights of its precision

@@ -22,8 +22,7 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 from ..method.losses import INTERMEDIATE_LOSSES
 from ..method.memory_bank import MemoryBank, fill_memory_bank
-from ..method.negatives import NegativeQueue
-from ..method.objective import CodirObjective
+from ..method.objective import run_objective
 from ..models.ds_config import load_ds_config
 from ..models.encoders import check_length
 from ..models.engines import frozen_teacher, parameter_counts, student_engine
@@ -103,7 +102,8 @@ class FinetuneStage(Stage):
             cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map, AutoModelForSequenceClassification, ignore_mismatched_sizes=True
         )
         if intermediate is not None and intermediate.compare is None:
-            self.objective = _objective(cfg, plan, student, self.bank)
+            sampler = torch.Generator(device=self.bank.features.device).manual_seed(cfg.train.seed + rank()) if self.bank else None
+            self.objective = run_objective(cfg.codir, student.config, plan.teacher_feature_dim, self.bank, sampler)
         weights = TaskLossWeights(cfg.loss.alpha, cfg.loss.kd_temperature, cfg.loss.beta, self.task.regression, cfg.loss.intermediate)
         module = ClassifierWithHeads(student, self.objective, plan.teacher_feature_dim, cfg.codir.pooling, weights)
         self.student = student_engine(module, ds_config, cfg.train.deepspeed_config)
@@ -159,16 +159,6 @@ class FinetuneStage(Stage):
 
     def export_files(self) -> dict[str, str]:
         return {"eval_results.json": json.dumps({"best": self.best, "history": self.evals}, indent=1)}
-
-
-def _objective(cfg: FinetuneConfig, plan: ModelPlan, student, bank: MemoryBank | None) -> CodirObjective:
-    """CoDIR with the configured negatives: K per anchor from the bank (drawn by a per-rank generator), or the queue."""
-    width = student.config.num_hidden_layers * student.config.hidden_size
-    args = (width, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.temperature)
-    if bank is not None:
-        sampler = torch.Generator(device=bank.features.device).manual_seed(cfg.train.seed + rank())
-        return CodirObjective(*args, bank=bank, num_negatives=cfg.codir.num_negatives, sampler=sampler)
-    return CodirObjective(*args, queue=NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=device()))
 
 
 @torch.no_grad()

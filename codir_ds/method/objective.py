@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..runtime.distributed import all_gather_rows
+from ..runtime.distributed import all_gather_rows, device
 from .losses import contrastive_logits, contrastive_stats, info_nce, normalized_fp32, sampled_contrastive_logits
 from .memory_bank import MemoryBank
 from .negatives import NegativeQueue
@@ -125,3 +125,14 @@ class CodirObjective(nn.Module):
             return {}
         self.enqueue_pending()
         return {"codir/queue_fill": self.queue.fill_fraction}
+
+
+def run_objective(codir, student_config, teacher_feature_dim: int, bank: MemoryBank | None = None, sampler: torch.Generator | None = None):
+    """The objective a run's `codir` section asks for on this student (anchors: all its layers pooled, concatenated):
+    K = `codir.num_negatives` per anchor from `bank`, drawn by `sampler`, or else the queue of `codir.queue_length`
+    rows on this rank's device."""
+    width = student_config.num_hidden_layers * student_config.hidden_size
+    args = (width, teacher_feature_dim, codir.projection_dim, codir.temperature)
+    if bank is not None:
+        return CodirObjective(*args, bank=bank, num_negatives=codir.num_negatives, sampler=sampler)
+    return CodirObjective(*args, queue=NegativeQueue(codir.queue_length, teacher_feature_dim, device=device()))

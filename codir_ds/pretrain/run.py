@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from ..method.negatives import NegativeQueue
-from ..method.objective import CodirObjective
+from ..method.objective import run_objective
 from ..models.ds_config import load_ds_config
 from ..models.encoders import check_length
 from ..models.engines import frozen_teacher, parameter_counts, student_engine
 from ..models.loading import ModelPlan, build_student
-from ..runtime.distributed import device, print0, rank, world_size
+from ..runtime.distributed import print0, rank, world_size
 from ..runtime.errors import CodirError
 from ..runtime.seeding import seed_rank
 from ..stage import Stage, run_stage
@@ -62,9 +61,7 @@ class PretrainStage(Stage):
         wrap = functools.partial(TeacherFeatures, layer_map=plan.layer_map, pooling=cfg.codir.pooling, with_logits=self.weights.kd > 0)
         self.teacher = frozen_teacher(cfg.teacher.path, auto, wrap, ds_config, cfg.teacher.zero3)
         student = build_student(cfg.student, cfg.teacher.path, plan.student_config, plan.layer_map)
-        queue = NegativeQueue(cfg.codir.queue_length, plan.teacher_feature_dim, device=device())
-        width = student.config.num_hidden_layers * student.config.hidden_size
-        self.objective = CodirObjective(width, plan.teacher_feature_dim, cfg.codir.projection_dim, cfg.codir.temperature, queue=queue)
+        self.objective = run_objective(cfg.codir, student.config, plan.teacher_feature_dim)
         module = StudentWithHeads(student, self.objective, cfg.codir.pooling, self.weights)
         self.student = student_engine(module, ds_config, cfg.train.deepspeed_config)
         seed_rank(cfg.train.seed, rank())
