@@ -37,7 +37,8 @@ def prepare_demo(out_dir: str = "runs/demo", max_steps: int = 120) -> str:
         "student": {"num_layers": 3},  # initialised from teacher layers 2, 4, 6
         "codir": {"queue_length": 1024},
         "data": {"files": [str(corpus)], "max_seq_length": 128},
-        "train": {"deepspeed_config": "ds_configs/cpu_small.json", "micro_batch_size": 8, "lr": 3e-4, "warmup_steps": 10, "max_steps": max_steps},
+        "train": {"micro_batch_size": 8, "lr": 3e-4, "warmup_steps": 10, "max_steps": max_steps},  # DeepSpeed config: auto
+        "eval": {"every": 40},  # on 256 held-out blocks
         "logging": {"every": 5},
         "checkpoint": {"every": 50},
         "output": {"dir": str(out)},

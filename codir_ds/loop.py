@@ -43,7 +43,7 @@ def train(cfg, stage, resume: Resume | None, stop_after: int | None = None) -> T
         start = state["step"]
     elif rank() == 0:
         save_student_spec(checkpoints, engine.module.student, stage.tokenizer)
-    monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every)
+    monitor = Monitor(cfg.tensorboard_dir, cfg.train.max_steps, start, cfg.logging.every, engine.monitor)
     _announce(cfg, stage, tag, monitor)
     if start >= cfg.train.max_steps:
         print0(f"codir-ds: nothing to train: {tag} is at step {start}, train.max_steps is {cfg.train.max_steps}; raise it to train on")

@@ -4,6 +4,7 @@ distributed init -> lock -> plan -> the stage's data and DeepSpeed config -> res
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,14 @@ import deepspeed
 import torch
 
 from .loop import TrainResult, train
+from .models.ds_config import chosen_ds_config
 from .models.loading import ModelPlan, load_tokenizer, plan_models
 from .runs.export import export_student
 from .runs.monitor import Monitor
-from .runs.run_folder import hold_run_folder, open_checkpoints, run_identity
+from .runs.run_folder import first_start_setting, hold_run_folder, open_checkpoints, run_identity
 from .runs.universal import universal_ds_config
 from .runtime import files
-from .runtime.distributed import barrier, init_distributed, rank
+from .runtime.distributed import barrier, init_distributed, rank, world_size
 from .runtime.seeding import seed_everything
 
 
@@ -94,6 +96,8 @@ def run_stage(stage_class: type[Stage], cfg, stop_after: int | None = None) -> S
     """Set up and train one stage to `cfg.train.max_steps` (or stop, checkpointed, after `stop_after` steps), then
     export. The run holds its output folder's lock throughout."""
     init_distributed(cfg.train.comm_timeout_minutes)
+    chosen = chosen_ds_config(cfg.train, world_size(), first_start_setting(cfg, "train", "deepspeed_config"))
+    cfg = dataclasses.replace(cfg, train=chosen)
     with hold_run_folder(Path(cfg.output.dir)):
         seed_everything(cfg.train.seed)
         plan = plan_models(cfg)  # configs and file headers only: bad input fails before any weights load

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up ./.venv, then run a short real CoDIR pre-training distillation on 2 CPU ranks (GPUs if present):
-# pretrained MiniLM-L6 teacher (ZeRO-3 sharded) -> 3-layer student from its layers 2/4/6, on Wikipedia
+# pretrained MiniLM-L6 teacher -> 3-layer student from its layers 2/4/6, on Wikipedia
 # articles + news text. Writes runs/demo/{corpus.jsonl,prepared,tensorboard,checkpoints,student}. Extra arguments override the
 # run config, e.g. --teacher.path=/my/bert --data.files='[/data/a.txt]' --train.deepspeed_config=ds_configs/zero2_bf16.json
 set -euo pipefail

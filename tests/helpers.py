@@ -114,9 +114,9 @@ def write_corpus(path: Path, documents: int = 300, seed: int = 0) -> Path:
     return path
 
 
-def write_run_config(folder: Path, teacher: Path, corpus: Path, **sections) -> Path:
+def write_run_config(folder: Path, teacher_path: Path, corpus: Path, **sections) -> Path:
     raw = {
-        "teacher": {"path": str(teacher)},
+        "teacher": {"path": str(teacher_path)},
         "data": {"files": [str(corpus)], "max_seq_length": 32},
         "codir": {"queue_length": 24, "projection_dim": 16},
         "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 0.002},

@@ -1,13 +1,16 @@
 """Each class of bad configuration gives a one-line CodirError naming the key, before any model loads."""
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import tiny_bert_config
 
 from codir_ds.finetune.config import FinetuneConfig
+from codir_ds.models.ds_config import chosen_ds_config, load_ds_config
 from codir_ds.models.loading import plan_models
 from codir_ds.pretrain.config import PretrainConfig
+from codir_ds.runs.run_folder import first_start_setting
 from codir_ds.runtime.config import load_config
 from codir_ds.runtime.errors import CodirError
 
@@ -70,6 +73,7 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path, tiny_teacher):
             "config key 'logging.progress_bar' is no more: removed: codir-ds prints one plain line every logging.every steps",
         ),
         ({"codir": 5}, "codir: expected a section (mapping), got 5"),
+        ({"teacher.zero3": "maybe"}, "teacher.zero3: 'maybe' is neither auto nor bool"),
     ],
 )
 def test_wrong_types(tmp_path, tiny_teacher, override, expected):
@@ -85,6 +89,8 @@ def test_wrong_types(tmp_path, tiny_teacher, override, expected):
         ({"train.max_steps": 0}, "train.max_steps: 0 is below the minimum 1"),
         ({"codir.layer_map": [0, 2]}, "codir.layer_map: 0 is below the minimum 1"),
         ({"teacher.path": ""}, "teacher.path: must name the teacher model folder"),
+        ({"data.eval_blocks": -1}, "data.eval_blocks: -1 is below the minimum 0"),
+        ({"eval.batch_size": 0}, "eval.batch_size: 0 is below the minimum 1"),
     ],
 )
 def test_impossible_values(tmp_path, tiny_teacher, override, expected):
@@ -149,3 +155,26 @@ def test_stage1_needs_exactly_one_corpus_source(tmp_path, tiny_teacher):
     assert error_of(lambda: load_config(PretrainConfig, str(path))) == (
         "data: give exactly one of data.prepared (a `codir-ds prepare` folder), data.files or data.dataset; got data.prepared and data.files"
     )
+
+
+@pytest.mark.parametrize("given, expected", [(None, "auto"), ("auto", "auto"), ("true", True), (False, False)])
+def test_teacher_zero3_takes_auto_or_a_boolean(tmp_path, tiny_teacher, given, expected):
+    overrides = {} if given is None else {"teacher.zero3": given}
+    assert load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), overrides).teacher.zero3 == expected
+
+
+def test_deepspeed_config_auto_picks_by_world_size_and_a_resume_keeps_the_first_choice(tmp_path, tiny_teacher, capsys):
+    cfg = load_config(PretrainConfig, str(base(tmp_path, tiny_teacher, output={"dir": str(tmp_path / "out")})))
+    assert cfg.train.deepspeed_config == "auto"
+    one, two = (Path(chosen_ds_config(cfg.train, ranks).deepspeed_config) for ranks in (1, 2))
+    assert (one.name, two.name) == ("cpu_zero0.json", "cpu_small.json")  # the fastest measured on one CPU rank; ZeRO-2 on several
+    assert load_ds_config(cfg.train, 1)["zero_optimization"]["stage"] == 0
+    assert "train.deepspeed_config auto: " in capsys.readouterr().out
+
+    assert first_start_setting(cfg, "train", "deepspeed_config") is None  # nothing to resume
+    (cfg.checkpoint_dir / "step_3").mkdir(parents=True)
+    (cfg.checkpoint_dir / "step_3/rank_0.json").write_text("{}")
+    (cfg.checkpoint_dir / "run.json").write_text(json.dumps({"config": {"train": {"deepspeed_config": str(two)}}}))
+    kept = chosen_ds_config(cfg.train, 1, first_start_setting(cfg, "train", "deepspeed_config"))
+    assert kept.deepspeed_config == str(two)  # 2 ranks -> 1: the run keeps its ZeRO stage
+    assert f"{two} (as the run's first start chose)" in capsys.readouterr().out

@@ -23,7 +23,16 @@ def launch(config, out, *extra, ranks=2):
 def test_zero2_run_lowers_loss_keeps_teacher_frozen_and_sharded_and_logs_everything(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     teacher = train_tiny_teacher(tmp_path / "teacher", corpus)  # its MLM head knows the corpus: KD has something to teach
-    config = write_run_config(tmp_path, teacher, corpus, train={"max_steps": 40}, checkpoint={"every": 0}, loss={"kd": 0.5}, data={"num_workers": 0})
+    config = write_run_config(
+        tmp_path,
+        teacher,
+        corpus,
+        train={"max_steps": 40},
+        checkpoint={"every": 0},
+        loss={"kd": 0.5},
+        data={"num_workers": 0},
+        teacher={"zero3": True},
+    )
     rank0, rank1 = launch(config, tmp_path)
 
     # Each rank reads its own samples and masks them independently (the mask is a function of the sample index).
@@ -46,6 +55,9 @@ def test_zero2_run_lowers_loss_keeps_teacher_frozen_and_sharded_and_logs_everyth
         assert not facts["teacher_trainable"]
         assert not facts["teacher_training_mode"]
         assert facts["teacher_here"] == pytest.approx(facts["teacher_total"] / 2, rel=0.02)
+    # Held-out evaluation at the end, with the ZeRO-3 teacher: the same figures on every rank.
+    assert [e["step"] for e in rank0["evals"]] == [40]
+    assert rank0["evals"] == rank1["evals"]
     # Every rank holds the identical, full negative queue.
     assert rank0["queue_sum"] == rank1["queue_sum"]
     assert rank0["queue_filled"] == 24
@@ -123,7 +135,11 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
     same masks, so losses match the uninterrupted run (CoDIR off: its in-batch negatives are the world's micro-batches)."""
     teacher = save_tiny_model(tmp_path / "teacher", dropout=0.0)
     corpus = write_corpus(tmp_path / "corpus.txt")
-    sections = {"train": {"max_steps": 6}, "loss": {"codir": 0.0, "kd": 0.5}, "data": {"num_workers": 0}}
+    sections = {
+        "train": {"max_steps": 6, "deepspeed_config": "ds_configs/cpu_small.json"},
+        "loss": {"codir": 0.0, "kd": 0.5},
+        "data": {"num_workers": 0},
+    }
 
     whole = tmp_path / "whole"
     whole.mkdir()
@@ -131,6 +147,7 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
     probe = [[2, 5, 9, 11, 7, 3], [2, 12, 13, 14, 4, 3]]
     reference = launch(reference_config, whole, f"--probe={json.dumps(probe)}")
     expected_samples, expected_losses = step_samples(reference, 1), reference[0]["losses"]
+    assert reference[0]["teacher_here"] == reference[0]["teacher_total"]  # teacher.zero3 auto: a small teacher is replicated
     assert len(expected_samples) == 6
     assert all(len(samples) == 8 for samples in expected_samples)
 
@@ -156,6 +173,8 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_sees_the_same_samples_and_losses
         for got, want in zip(losses, expected_losses, strict=True):
             # rel 1e-5, and 1e-7 absolute for KD values near 1e-3: the two world sizes sum in another order
             assert {k: got[k] for k in trained} == pytest.approx({k: want[k] for k in trained}, rel=1e-5, abs=1e-7), (first_ranks, second_ranks)
+        # held-out evaluation of the same model: the same figures on 1 and 2 ranks
+        assert resumed[0]["evals"][-1]["metrics"] == pytest.approx(reference[0]["evals"][-1]["metrics"], rel=1e-5, abs=1e-7)
         assert (folder / "out/checkpoints/step_3_universal/codir_source.txt").is_file()  # converted for the other world size
         exported = AutoModelForMaskedLM.from_pretrained(folder / "out/student").eval()
         with torch.no_grad():

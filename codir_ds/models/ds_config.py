@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,43 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from ..runtime.config import TrainConfig
+from ..runtime.distributed import print0
 from ..runtime.errors import CodirError
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def auto_ds_config(world_size: int) -> tuple[Path, str]:
+    """`train.deepspeed_config: auto`: the shipped config for this accelerator, its precision support and world size,
+    and why. On a CPU, fp32 without ZeRO on one rank (the fastest there, bench/step_speed.py) and ZeRO-2 on several;
+    on a GPU, bf16 with ZeRO-2 where supported, else fp16 with ZeRO-2, else fp32 without ZeRO."""
+    accelerator = get_accelerator()
+    ranks = f"{world_size} rank{'s' if world_size > 1 else ''}"
+    if accelerator.device_name() == "cpu":
+        return SHIPPED_CONFIGS / ("cpu_zero0.json" if world_size == 1 else "cpu_small.json"), f"CPU, fp32, {ranks}"
+    half = (("bf16", accelerator.is_bf16_supported, "zero2_bf16.json"), ("fp16", accelerator.is_fp16_supported, "zero2_fp16.json"))
+    for precision, supported, name in half:
+        if supported():
+            return SHIPPED_CONFIGS / name, f"{accelerator.device_name()} with {precision}, {ranks}"
+    return SHIPPED_CONFIGS / "gpu_zero0.json", f"{accelerator.device_name()} without bf16 or fp16, {ranks}"
+
+
+def chosen_ds_config(train: TrainConfig, world_size: int, first_choice: str | None = None) -> TrainConfig:
+    """`train` with `deepspeed_config: auto` replaced by a file, and the choice printed: `first_choice`, what a
+    resumed run's first start chose (so an elastic resume keeps its ZeRO stage), else `auto_ds_config`'s pick."""
+    if train.deepspeed_config != "auto":
+        return train
+    if first_choice and first_choice != "auto":
+        path, why = Path(first_choice), "as the run's first start chose"
+    else:
+        path, why = auto_ds_config(world_size)
+    print0(f"codir-ds: train.deepspeed_config auto: {path} ({why})")
+    return dataclasses.replace(train, deepspeed_config=str(path))
 
 
 def load_ds_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     """The student's DeepSpeed config with every "auto" value resolved; raises `CodirError` on a bad file."""
-    path = Path(train.deepspeed_config)
+    path = Path(chosen_ds_config(train, world_size).deepspeed_config)
     if not path.is_file():
         raise CodirError(f"train.deepspeed_config: no such file {path}")
     try:

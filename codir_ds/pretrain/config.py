@@ -48,6 +48,16 @@ class DataConfig:
     max_seq_length: int = 128  # tokens per sample, [CLS] and [SEP] included
     mlm_probability: float = 0.15  # share of tokens selected for masked-LM prediction
     num_workers: int = 2  # loader worker processes per rank (0: load in the training process)
+    eval_blocks: int = 256  # blocks held out of the corpus for evaluation (at most a tenth of it; 0 = none)
+    eval_prepared: str = ""  # a prepared folder to evaluate on instead (then the training corpus keeps every block)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: masked-LM loss, KD, CoDIR top-1 and loss, per-layer cosine (see `evaluation.py`)."""
+
+    every: int = 500  # steps between held-out evaluations; 0 = only at the end of training
+    batch_size: int = 32  # held-out blocks per forward pass per rank
 
 
 @dataclass
@@ -60,6 +70,7 @@ class PretrainConfig(RunPaths):
     loss: LossConfig = field(default_factory=LossConfig)  # weights of the three losses
     data: DataConfig = field(default_factory=DataConfig)  # the corpus and masking
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and run length
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # log lines and TensorBoard
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints, resuming and graceful stops
     output: OutputConfig = field(default_factory=OutputConfig)  # run folder and export
@@ -80,6 +91,9 @@ class PretrainConfig(RunPaths):
         at_least(self.data.prepare_processes, 1, "data.prepare_processes")
         at_least(self.data.num_workers, 0, "data.num_workers")
         at_least(self.data.max_seq_length, 8, "data.max_seq_length")
+        at_least(self.data.eval_blocks, 0, "data.eval_blocks")
+        at_least(self.eval.every, 0, "eval.every")
+        at_least(self.eval.batch_size, 1, "eval.batch_size")
         if not 0 < self.data.mlm_probability < 1:
             raise CodirError(f"data.mlm_probability: {self.data.mlm_probability} is not in (0, 1)")
         at_least(self.train.max_steps, 1, "train.max_steps")

@@ -31,6 +31,7 @@ _U64 = [np.uint64(c) for c in (_GAMMA, _MUL1, _MUL2, 30, 27, 31)]  # as numpy sc
 _FEISTEL_ROUNDS = 4
 _CHUNK = 64  # micro-batches whose block ids are computed together
 _PERMUTATION_DOMAIN, _MASK_DOMAIN = 0x5045524D, 0x4D41534B  # keep the block order and the masks independent
+_HOLD_OUT_DOMAIN = 0x484F4C44  # the split into held-out and training blocks: one fixed order per corpus size
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -88,6 +89,18 @@ def sample_blocks(indices: np.ndarray, num_blocks: int, seed: int) -> np.ndarray
         keys = [hash64(_PERMUTATION_DOMAIN, seed, int(epoch), r) for r in range(_FEISTEL_ROUNDS)]
         out[rows] = feistel_permute(positions[rows], num_blocks, keys)
     return out
+
+
+def split_order(positions: np.ndarray, num_blocks: int) -> np.ndarray:
+    """The block at each position of a fixed, seed-independent order of [0, num_blocks): its first n positions are
+    the n held-out blocks, the rest the training blocks, so the two never meet on any world size or in any epoch."""
+    keys = [hash64(_HOLD_OUT_DOMAIN, r) for r in range(_FEISTEL_ROUNDS)]
+    return feistel_permute(positions, num_blocks, keys)
+
+
+def held_out_blocks(num_blocks: int, count: int) -> np.ndarray:
+    """The ids of the `count` blocks a corpus of `num_blocks` holds out for evaluation."""
+    return split_order(np.arange(count), num_blocks)
 
 
 def mask_blocks(
@@ -158,12 +171,17 @@ def training_corpus(cfg: DataConfig, tokenizer, run_folder: Path) -> PreparedCor
         )
     corpus = PreparedCorpus(folder)
     corpus.check_tokenizer(tokenizer)
-    if corpus.block_length != cfg.max_seq_length - 2:
+    check_block_length(corpus, cfg.max_seq_length)
+    return corpus
+
+
+def check_block_length(corpus: PreparedCorpus, max_seq_length: int) -> None:
+    """Fail unless `corpus` holds blocks for sequences of `max_seq_length` tokens."""
+    if corpus.block_length != max_seq_length - 2:
         raise CodirError(
-            f"data.max_seq_length: {cfg.max_seq_length}, but {folder} holds blocks for sequences of "
+            f"data.max_seq_length: {max_seq_length}, but {corpus.folder} holds blocks for sequences of "
             f"{corpus.block_length + 2}; set data.max_seq_length={corpus.block_length + 2} or prepare again"
         )
-    return corpus
 
 
 class PreparedCorpus:
@@ -267,7 +285,8 @@ class MicroBatches(Dataset):
 
     With global batch G = b*a*w, micro-batch j is step s = j // a, micro-step m = j % a, chunk c = m*w + r,
     holding global samples s*G + c*b + arange(b): each step's samples are the same set for any (w, a) with
-    equal G.
+    equal G. With `held_out` n > 0, samples are drawn from the corpus's training blocks only (`split_order`
+    positions n and on).
     """
 
     def __init__(
@@ -279,10 +298,12 @@ class MicroBatches(Dataset):
         rank: int = 0,
         seed: int = 0,
         mlm_probability: float = 0.15,
+        held_out: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise CodirError(f"rank {rank} is not in [0, {world_size})")
-        self.corpus, self.seed, self.mlm_probability = corpus, seed, mlm_probability
+        self.corpus, self.seed, self.mlm_probability, self.held_out = corpus, seed, mlm_probability, held_out
+        self.training_blocks = len(corpus) - held_out
         self.micro_batch_size, self.accumulation_steps, self.world_size, self.rank = micro_batch_size, gradient_accumulation_steps, world_size, rank
         self._chunk: tuple[int, np.ndarray] = (-1, np.empty(0))
 
@@ -299,7 +320,10 @@ class MicroBatches(Dataset):
         chunk, row = divmod(j, _CHUNK)
         if self._chunk[0] != chunk:
             indices = self.sample_indices(np.arange(chunk * _CHUNK, (chunk + 1) * _CHUNK))
-            self._chunk = (chunk, sample_blocks(indices.ravel(), len(self.corpus), self.seed).reshape(indices.shape))
+            blocks = sample_blocks(indices.ravel(), self.training_blocks, self.seed)
+            if self.held_out:
+                blocks = split_order(blocks + self.held_out, len(self.corpus))
+            self._chunk = (chunk, blocks.reshape(indices.shape))
         return self._chunk[1][row]
 
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:

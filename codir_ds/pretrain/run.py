@@ -19,12 +19,14 @@ from ..models.ds_config import load_ds_config
 from ..models.encoders import check_length
 from ..models.engines import frozen_teacher, parameter_counts, student_engine
 from ..models.loading import ModelPlan, build_student
+from ..runs.monitor import Monitor
 from ..runtime.distributed import print0, rank, world_size
 from ..runtime.errors import CodirError
 from ..runtime.seeding import seed_rank
 from ..stage import Stage, run_stage
 from .config import PretrainConfig
 from .data import MicroBatches, micro_batch_loader, training_corpus
+from .evaluation import HeldOutBatches, evaluate, evaluation_split
 from .modules import LossWeights, StudentWithHeads, TeacherFeatures
 
 
@@ -44,10 +46,13 @@ class PretrainStage(Stage):
         self.weights = loss_weights(cfg, plan)
         super().__init__(cfg, plan)
         self.corpus = training_corpus(cfg.data, self.tokenizer, Path(cfg.output.dir))
-        train = cfg.train
+        eval_corpus, eval_blocks, held_out = evaluation_split(cfg.data, self.corpus, self.tokenizer)
+        train, probability = cfg.train, cfg.data.mlm_probability
         self.data = MicroBatches(
-            self.corpus, train.micro_batch_size, train.gradient_accumulation_steps, world_size(), rank(), train.seed, cfg.data.mlm_probability
+            self.corpus, train.micro_batch_size, train.gradient_accumulation_steps, world_size(), rank(), train.seed, probability, held_out
         )
+        self.held_out = HeldOutBatches(eval_corpus, eval_blocks, cfg.eval.batch_size, world_size(), rank(), probability) if len(eval_blocks) else None
+        self.evals: list[dict] = []  # {"step", "metrics"} of each held-out evaluation
         self.tokens_per_sample = cfg.data.max_seq_length
         self.next_micro_batch = 0  # this rank's micro-batches consumed since the start of training
         self.batches: Iterator[dict] | None = None  # the loader, started at `next_micro_batch` on the first micro-step
@@ -73,7 +78,8 @@ class PretrainStage(Stage):
         return (
             f"teacher {teacher_total / 1e6:.2f}M params ({teacher_here / 1e6:.2f}M on rank 0), student "
             f"{student_total / 1e6:.2f}M, layer map {self.plan.layer_map}, dtype {self.student.get_data_types()[0]}, "
-            f"corpus {counts['blocks']:,} blocks of {self.corpus.block_length} tokens from {counts['documents']:,} documents"
+            f"corpus {counts['blocks']:,} blocks of {self.corpus.block_length} tokens from {counts['documents']:,} documents, "
+            f"{self.held_out.count if self.held_out else 0} blocks held out for evaluation"
         )
 
     @property
@@ -102,7 +108,7 @@ class PretrainStage(Stage):
     def state_dict(self) -> dict:
         """The data position (one integer, the same on every rank) and the queue (identical on every rank)."""
         data = {"consumed_samples": self.consumed_samples, "global_batch": self.global_batch}
-        return {"data": data, "queue": self.objective.negatives_state()["queue"]}
+        return {"data": data, "queue": self.objective.negatives_state()["queue"], "eval": self.evals[-1] if self.evals else None}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["data"]
@@ -116,14 +122,27 @@ class PretrainStage(Stage):
             )
         self.next_micro_batch = saved["consumed_samples"] // self.global_batch * self.data.accumulation_steps
         self.objective.load_negatives_state({"queue": state["queue"]})
+        self.evals = [state["eval"]] if state.get("eval") else []
 
     def scalars(self) -> dict[str, float]:
         return {
             **super().scalars(),
             **self.objective.scalars(),
             "data/consumed_samples": float(self.consumed_samples),
-            "data/epoch": self.consumed_samples / len(self.corpus),
+            "data/epoch": self.consumed_samples / self.data.training_blocks,
         }
+
+    def after_step(self, step: int, monitor: Monitor) -> None:
+        """Evaluate on the held-out blocks every `eval.every` steps and after the last."""
+        every, last = self.cfg.eval.every, self.cfg.train.max_steps
+        if self.held_out is None or not (step == last or (every and step % every == 0)):
+            return
+        self.student.eval()
+        metrics = evaluate(self.student.module, self.teacher, self.held_out, self.student.device)
+        self.student.train()
+        self.evals.append({"step": step, "metrics": metrics})
+        monitor.scalars(step, {f"eval/{name}": value for name, value in metrics.items()})
+        print0(f"codir-ds: eval step {step} on {self.held_out.count} held-out blocks: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def finish(self, result) -> None:
         super().finish(result)

@@ -93,14 +93,21 @@ def render_card(facts: CardFacts) -> str:
 
 def checkpoint_card(checkpoint_dir: Path, tag: str, student: PreTrainedModel, name: str, metrics: dict[str, dict[str, float]] | None = None) -> str:
     """The card of `student`, exported from checkpoint `tag` of `checkpoint_dir`, with what the folder tells of the run.
-    `metrics` (split -> metric -> value) default to the dev scores a stage-2 checkpoint carries."""
+    `metrics` (split -> metric -> value) default to the best dev scores a stage-2 checkpoint carries, or the last
+    held-out evaluation of a stage-1 checkpoint."""
     record = _json(checkpoint_dir / RUN_FILE)
     identity, config = record.get("identity", {}), record.get("config", {})
     state = _json(checkpoint_dir / tag / "rank_0.json")
     stage = 2 if "task.name" in identity else 1
     teacher = config.get("teacher", {}).get("path") or str(identity.get("teacher.path", "unknown")).rsplit(" (", 1)[0]
     teacher_config = _teacher_config(teacher)
-    best = state.get("best") or {}
+    best, held_out = state.get("best") or {}, state.get("eval") or {}  # stage 2's best dev scores, stage 1's last evaluation
+    if not metrics and best:
+        metrics, metrics_from = best["metrics"], f"best {best['metric']}, step {best['step']}"
+    elif not metrics and held_out:
+        metrics, metrics_from = {"held-out": held_out["metrics"]}, f"held-out blocks, step {held_out['step']}"
+    else:
+        metrics_from = ""
     facts = CardFacts(
         name=name,
         stage=stage,
@@ -110,8 +117,8 @@ def checkpoint_card(checkpoint_dir: Path, tag: str, student: PreTrainedModel, na
         made=_made(stage, identity, state, student, teacher_config, ranks=len(list((checkpoint_dir / tag).glob("rank_*.json"))), tag=tag),
         student_params=_encoder_params(student.config),
         teacher_params=_encoder_params(teacher_config) if teacher_config else None,
-        metrics=metrics or best.get("metrics"),
-        metrics_from=f"best {best['metric']}, step {best['step']}" if best and not metrics else "",
+        metrics=metrics,
+        metrics_from=metrics_from,
         run_digest=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12] if identity else "",
     )
     return render_card(facts)

@@ -1,4 +1,5 @@
-"""Run monitoring: TensorBoard scalars and one plain log line every `logging.every` steps (rank 0 writes)."""
+"""Run monitoring: TensorBoard scalars (and DeepSpeed's monitors) and one plain log line every `logging.every` steps
+(rank 0 writes)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ class Monitor:
     """Every `every` steps: averages the step's values over ranks (the only host sync of a step besides the stop check), adds
     throughput, writes TensorBoard scalars and prints one line (no carriage returns: fit for SLURM logs)."""
 
-    def __init__(self, log_dir: Path, total_steps: int, start_step: int, every: int):
+    def __init__(self, log_dir: Path, total_steps: int, start_step: int, every: int, deepspeed_monitor=None):
         self.every, self.total, self.start = every, total_steps, start_step
         self.writer = SummaryWriter(str(log_dir)) if rank() == 0 else None
+        self.deepspeed_monitor = deepspeed_monitor if deepspeed_monitor is not None and deepspeed_monitor.enabled else None
         self._began = self._since = time.perf_counter()
         self._samples = self._tokens = 0
 
@@ -53,10 +55,13 @@ class Monitor:
         return values
 
     def scalars(self, step: int, scalars: dict[str, float]) -> None:
-        """Write extra scalars (e.g. evaluation results) at `step`."""
+        """Write extra scalars (e.g. evaluation results) at `step`, to TensorBoard and to the monitors (csv, wandb,
+        comet) the DeepSpeed config enables."""
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
+        if self.deepspeed_monitor is not None:  # it writes on rank 0 only
+            self.deepspeed_monitor.write_events([(name, value, step) for name, value in scalars.items()])
 
     def text(self, tag: str, text: str) -> None:
         if self.writer is not None:

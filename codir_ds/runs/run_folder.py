@@ -42,6 +42,7 @@ NOT_IDENTITY = (  # settings that do not change what is trained (dotted keys, or
     "data.dataset_config",
     "data.split",
     "data.text_column",
+    "data.eval_prepared",  # evaluation only: what is trained is the same
     "logging.",
     "checkpoint.",
     "output.",
@@ -170,6 +171,17 @@ def open_checkpoints(cfg, identity: dict[str, Any], elastic: bool) -> Resume | N
 
     rank0_first(check)
     return find_resume(directory, cfg.checkpoint.resume, convert=elastic)
+
+
+def first_start_setting(cfg, section: str, key: str) -> Any:
+    """What the run that `cfg` resumes recorded for `section.key` at its first start; None when it starts fresh."""
+    path = cfg.checkpoint_dir / RUN_FILE
+    if not cfg.checkpoint.resume or not holds_checkpoints(cfg.checkpoint_dir) or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["config"][section][key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an unreadable record is reported where the run's identity is checked
 
 
 def run_identity(cfg, ds_config: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from .errors import CodirError, error_line
 @dataclass
 class TeacherConfig:
     path: str = ""  # local folder (or hub name where a network exists) of a BERT/RoBERTa-style model
-    zero3: bool = True  # partition the frozen teacher across ranks with ZeRO-3 inference (on one rank it runs replicated)
+    zero3: Literal["auto"] | bool = "auto"  # partition the frozen teacher across ranks (ZeRO-3 inference); auto: only a teacher too big to replicate
 
 
 @dataclass
@@ -49,7 +49,7 @@ class CodirConfig:
 
 @dataclass
 class TrainConfig:
-    deepspeed_config: str = "ds_configs/cpu_small.json"  # DeepSpeed JSON (optimizer, scheduler, precision, ZeRO); "auto" values are filled from here
+    deepspeed_config: str = "auto"  # DeepSpeed JSON (its "auto" values filled from here); auto: the shipped one for this machine and world size
     micro_batch_size: int = 8  # samples per rank per forward pass
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4  # peak learning rate
@@ -289,8 +289,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        options = [a for a in args if a is not type(None)]
+        for option in options:  # the first that takes the value, e.g. "auto" before a bool
+            try:
+                return _coerce(value, option, key)
+            except CodirError:
+                if len(options) == 1:
+                    raise
+        raise CodirError(f"{key}: {value!r} is neither {' nor '.join(type_name(a) for a in options)}")
     if origin is Literal:
         if value not in args:
             raise CodirError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")

@@ -60,6 +60,11 @@ def rank() -> int:
 
 
 @torch.no_grad()
+def local_world_size() -> int:
+    """Ranks on this node, as the launcher says (deepspeed: LOCAL_SIZE, torchrun: LOCAL_WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+
+
 def all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's `local` rows concatenated in rank order (no gradient), and this rank's first row index.
 
@@ -80,13 +85,17 @@ def all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The element-wise mean of `values` over all ranks, on the CPU."""
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `values` over all ranks, on the CPU."""
     if world_size() > 1:
         values = values.clone()
         dist.all_reduce(values)
-        values /= world_size()
     return values.cpu()
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `values` over all ranks, on the CPU."""
+    return sum_over_ranks(values) / world_size()
 
 
 @torch.no_grad()

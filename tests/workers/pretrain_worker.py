@@ -25,6 +25,7 @@ def main(config: str, out: str, stop_after: int | None = None, probe: list | Non
         drift = max((params[name] - stored(name)).abs().max().item() for name in params)
     facts = {
         "losses": run.history,
+        "evals": run.evals,
         "teacher_total": sum(getattr(p, "ds_numel", p.numel()) for p in params.values()),
         "teacher_here": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params.values()),
         "teacher_drift": drift,
