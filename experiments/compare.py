@@ -59,6 +59,8 @@ VARIANTS = {  # name: (description, overrides)
     ),
 }
 BASELINE = "kd"  # every paired difference is taken to this variant
+CONTROL = ("kd", "ce")  # the positive control: KD must beat CE for the setting to be able to test CoDIR
+EQUIVALENCE_MARGIN = 0.5  # points: TOST's margin, about the paper's typical gain
 GRID_BETA, GRID_TAU = "0.001,0.003,0.01,0.03,0.1,0.3,1", "0.07,0.2"
 EMBEDDED_DATA = {  # name: (writes train/dev/test split by group, its settings, (train, dev, test) sizes)
     "rotten_tomatoes": (write_rotten_tomatoes_by_film, {"task.labels": ["rotten", "fresh"]}, (2000, 1000, 3000)),  # reviews, by film
@@ -339,6 +341,34 @@ def paired_interval(a: list[float], b: list[float], confidence: float = 0.95) ->
     return mean, mean - half, mean + half
 
 
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom."""
+    return 0.5 + math.copysign(0.5 * t_two_sided(t, df), t)
+
+
+def paired_tests(a: list[float], b: list[float], margin: float = EQUIVALENCE_MARGIN) -> tuple[float, float]:
+    """Paired t tests of a_i - b_i: the two-sided p of "no difference", and TOST's p of "a difference of at least
+    `margin` either way" (the larger of its two one-sided p's; below 0.05, equivalence within ±margin). NaNs under 2
+    pairs or with no spread."""
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    if len(differences) < 2 or statistics.stdev(differences) == 0:
+        return math.nan, math.nan
+    df, mean = len(differences) - 1, statistics.mean(differences)
+    se = statistics.stdev(differences) / math.sqrt(len(differences))
+    two_sided = 1 - t_two_sided(mean / se, df)
+    return two_sided, max(1 - t_cdf((mean + margin) / se, df), t_cdf((mean - margin) / se, df))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of `p_values` (NaNs left as they are), in their order."""
+    ranked = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running = list(p_values), 0.0
+    for rank, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 # ---- report ---------------------------------------------------------------------------------------------------
 
 
@@ -377,20 +407,26 @@ def write_report(rows: list[dict], out: Path) -> None:
     baseline = {r["seed"]: r["test"] for r in groups.get(BASELINE, [])}
     lines = [
         f"| variant | dev {metric} (mean ± std) | test {metric} (mean ± std) | test − {VARIANTS[BASELINE][0]}, paired (95 % CI) "
-        "| seeds | minutes per run |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| p (Holm) | TOST ±{EQUIVALENCE_MARGIN} p | seeds | minutes per run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    compared = {}  # name: (scores, baseline scores) of the same seeds
+    for name, group in groups.items():
+        paired = [r for r in group if r["seed"] in baseline]
+        if name != BASELINE and paired:
+            compared[name] = ([100 * r["test"] for r in paired], [100 * baseline[r["seed"]] for r in paired])
+    tests = {name: paired_tests(*scores) for name, scores in compared.items()}
+    adjusted = dict(zip(tests, holm([p for p, _ in tests.values()])))  # Holm across every arm paired with the baseline
     for name, group in groups.items():
         dev, test = _mean_std([100 * r["dev"] for r in group]), _mean_std([100 * r["test"] for r in group])
-        paired = [r for r in group if r["seed"] in baseline]
-        if name == BASELINE or not paired:
-            difference = "(reference)" if name == BASELINE else ""
-        else:
-            mean, low, high = paired_interval([100 * r["test"] for r in paired], [100 * baseline[r["seed"]] for r in paired])
-            difference = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+        difference, p, equivalence = "(reference)" if name == BASELINE else "", "", ""
+        if name in compared:
+            mean, low, high = paired_interval(*compared[name])
+            difference, p, equivalence = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]", f"{adjusted[name]:.3f}", f"{tests[name][1]:.3f}"
         minutes = statistics.mean(r["seconds"] for r in group) / 60
         scores = f"{dev[0]:.2f} ± {dev[1]:.2f} | {test[0]:.2f} ± {test[1]:.2f}"
-        lines.append(f"| {group[0]['description']} | {scores} | {difference} | {len(group)} | {minutes:.1f} |")
+        lines.append(f"| {group[0]['description']} | {scores} | {difference} | {p} | {equivalence} | {len(group)} | {minutes:.1f} |")
+    lines += _positive_control(groups)
     teacher = out / "teacher" / "teacher" / "eval_results.json"
     if teacher.is_file():  # the embedded teacher, finetuned by this comparison
         evals = json.loads(teacher.read_text())["history"]
@@ -402,6 +438,18 @@ def write_report(rows: list[dict], out: Path) -> None:
         lines += ["", f"CoDIR setting with the best mean dev score (chosen on dev only): **{groups[best][0]['description']}**."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_test_vs_beta(rows, out / FIGURE)
+
+
+def _positive_control(groups: dict[str, list[dict]]) -> list[str]:
+    """The report's verdict on KD against CE: unless KD beats CE beyond its 95 % interval, this setting cannot test
+    whether CoDIR helps, and a null CoDIR result here is no evidence against it."""
+    if not all(name in groups for name in CONTROL):
+        return []
+    kd, ce = ({r["seed"]: 100 * r["test"] for r in groups[name]} for name in CONTROL)
+    seeds = sorted(kd.keys() & ce.keys())
+    mean, low, high = paired_interval([kd[s] for s in seeds], [ce[s] for s in seeds])
+    verdict = "passes: the setting can test CoDIR" if low > 0 else "fails: this setting cannot test CoDIR (a null result says nothing)"
+    return ["", f"Positive control, {VARIANTS['kd'][0]} − {VARIANTS['ce'][0]} on test: {mean:+.2f} [{low:+.2f}, {high:+.2f}]; {verdict}."]
 
 
 # ---- figure ---------------------------------------------------------------------------------------------------

@@ -111,6 +111,19 @@ def test_paired_interval_matches_scipy_and_a_hand_computation():
         assert compare.t_critical(0.95, df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-9)
 
 
+def test_paired_tests_and_holm_match_scipy_and_a_hand_computation():
+    a, b = [80.1, 79.4, 81.0, 80.6, 79.9, 80.2, 80.0, 79.8], [79.9, 79.5, 80.7, 80.3, 80.0, 80.1, 79.6, 79.9]
+    two_sided, tost = compare.paired_tests(a, b, margin=0.5)
+    assert two_sided == pytest.approx(stats.ttest_rel(a, b).pvalue, abs=1e-9)
+    lower = stats.ttest_rel(a, [y - 0.5 for y in b], alternative="greater").pvalue  # H0: a - b <= -0.5
+    upper = stats.ttest_rel(a, [y + 0.5 for y in b], alternative="less").pvalue  # H0: a - b >= +0.5
+    assert tost == pytest.approx(max(lower, upper), abs=1e-9)
+    assert tost < 0.05  # differences of 0.1 +- 0.2: equivalent within 0.5
+    assert compare.paired_tests(a, [y - 2 for y in b], margin=0.5)[1] > 0.5  # a 2-point gain is no equivalence
+    # Holm: sorted 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (kept monotone), in the input order
+    assert compare.holm([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.04, 0.03, math.nan, 0.04], nan_ok=True)
+
+
 def test_report_and_figure_come_from_the_rows_and_again_from_the_csv(tmp_path):
     rows = rows_for("kd", [0.80, 0.79, 0.81]) + rows_for("kd_mse", [0.805, 0.80, 0.80]) + rows_for("ce", [0.78, 0.78, 0.79])
     for beta, shift in ((0.01, 0.002), (0.1, -0.004), (1.0, -0.02)):
@@ -119,9 +132,21 @@ def test_report_and_figure_come_from_the_rows_and_again_from_the_csv(tmp_path):
             rows += rows_for(name, [0.80 + shift, 0.79 + shift, 0.81 + shift], [0.7, 0.7, 0.7 + (beta == 0.1) * 0.01], beta, tau)
     compare.write_report(rows, tmp_path)
     table = (tmp_path / "results.md").read_text()
-    assert "| kd | 80.00 ± 1.00 | 80.00 ± 1.00 | (reference) | 3 |" in table
+    assert "| kd | 80.00 ± 1.00 | 80.00 ± 1.00 | (reference) |  |  | 3 |" in table
     mean, low, high = compare.paired_interval([80.5, 80.0, 80.0], [80.0, 79.0, 81.0])
-    assert f"| kd_mse | 80.17 ± 0.29 | 80.17 ± 0.29 | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | 3 |" in table
+    by_name = {}
+    for row in rows:
+        by_name.setdefault(row["name"], []).append(100 * row["test"])
+    arms = [name for name in by_name if name != "kd"]
+    tests = {name: compare.paired_tests(by_name[name], by_name["kd"]) for name in arms}
+    holm = dict(zip(arms, compare.holm([tests[name][0] for name in arms])))  # Holm across the 7 arms paired with CE + KD
+    row = f"| kd_mse | 80.17 ± 0.29 | 80.17 ± 0.29 | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {holm['kd_mse']:.3f} | {tests['kd_mse'][1]:.3f} | 3 |"
+    assert row in table
+    mean, low, high = compare.paired_interval([80.0, 79.0, 81.0], [78.0, 78.0, 79.0])  # KD - CE: +1.67 [+0.23, +3.10]
+    assert f"Positive control, CE + KD − CE only on test: {mean:+.2f} [{low:+.2f}, {high:+.2f}]; passes" in table
+    compare.write_report([r for r in rows if r["name"] != "ce"] + rows_for("ce", [0.80, 0.78, 0.81]), tmp_path)
+    assert "fails: this setting cannot test CoDIR" in (tmp_path / "results.md").read_text()  # KD - CE: +0.33 [-1.10, +1.77]
+    compare.write_report(rows, tmp_path)
     assert "(chosen on dev only): **codir_b0.1_t0.07_k100**" in table  # best dev; its test is worse than beta 0.01's
     with Image.open(tmp_path / compare.FIGURE) as figure:
         assert figure.format == "PNG"
