@@ -2,10 +2,12 @@
 export of the best student, and one-line errors for bad task input."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import REPO, child_env, plain_accuracy, save_task_teacher, save_tiny_model, tensorboard_scalars, write_task, write_task_config
 from huggingface_hub import ModelCard
 from test_pretrain_cli import one_line_error
@@ -160,3 +162,16 @@ def test_baseline_intermediate_losses_train_through_the_same_loop(tmp_path, task
     values = [step[intermediate] for step in run.history]
     assert "codir" not in run.history[0]
     assert sum(values[-4:]) < sum(values[:4])
+
+
+def test_crd_nce_trains_against_its_momentum_memory(tmp_path, task_teacher, task):
+    overrides = {"codir.objective": "crd_nce", "loss.beta": 1.0, "train.epochs": 3, "train.lr": 0.003}
+    run = run_finetuning(config(tmp_path, task_teacher, task, **overrides))
+    memory = run.student.module.codir.memory
+    assert memory.normalisers.min() > 0  # Z set at the first step
+    assert memory.teacher_rows.norm(dim=1) == pytest.approx(torch.ones(96))  # every example's row moved (unit norm since)
+    codir = [step["codir"] for step in run.history]
+    assert all(math.isfinite(value) for value in codir)
+    assert sum(codir[-6:]) < sum(codir[:6])
+    with pytest.raises(CodirError, match="^codir.objective: crd_nce scores rows of a memory over the training set; it needs codir.negatives=bank$"):
+        config(tmp_path / "queue", task_teacher, task, **{"codir.objective": "crd_nce", "codir.negatives": "queue"})

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from codir_ds.method.losses import CONTRASTIVE_STATS, contrastive_logits, contrastive_stats, info_nce, pooled_mse, token_cosine, token_mse
 from codir_ds.method.memory_bank import MemoryBank
+from codir_ds.method.momentum_memory import MomentumMemory
 from codir_ds.method.negatives import NegativeQueue
 from codir_ds.method.objective import CodirObjective, ProjectionHeads
 
@@ -173,3 +174,52 @@ def test_objective_with_a_bank_draws_negatives_of_another_label():
     logits = torch.cat([(a * p).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", a, n)], dim=1) / 0.1
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(2, dtype=torch.long)))
     assert objective.negatives_state()["sampler"].equal(sampler.get_state())
+
+
+def crd_reference_step(memory_s, memory_t, z, v1, v2, y, idx, tau, momentum, n):
+    """One step of CRD's ContrastMemory + ContrastLoss, written out as RepDistiller's crd/ does it (bmm, index_select,
+    Z from the first batch, momentum update of the rows of `y`); returns the loss and updates the memories in place."""
+    batch, k1, dim = len(v1), idx.shape[1], v1.shape[1]
+    out_v2 = torch.exp(torch.bmm(memory_s.index_select(0, idx.view(-1)).view(batch, k1, dim), v2.view(batch, dim, 1)) / tau)
+    out_v1 = torch.exp(torch.bmm(memory_t.index_select(0, idx.view(-1)).view(batch, k1, dim), v1.view(batch, dim, 1)) / tau)
+    if z[0] < 0:
+        z[0], z[1] = out_v1.mean().item() * n, out_v2.mean().item() * n
+    out_v1, out_v2 = out_v1 / z[0], out_v2 / z[1]
+
+    def contrast_loss(x):
+        m, pn = x.size(1) - 1, 1 / n
+        log_d1 = torch.div(x.select(1, 0), x.select(1, 0) + m * pn + 1e-7).log()
+        p_neg = x.narrow(1, 1, m)
+        log_d0 = torch.div(p_neg.clone().fill_(m * pn), p_neg + m * pn + 1e-7).log()
+        return -(log_d1.sum(0) + log_d0.view(-1, 1).sum(0)) / batch
+
+    loss = contrast_loss(out_v1) + contrast_loss(out_v2)
+    with torch.no_grad():
+        for memory, v in ((memory_s, v1), (memory_t, v2)):
+            position = memory.index_select(0, y) * momentum + v * (1 - momentum)
+            memory.index_copy_(0, y, position / position.pow(2).sum(1, keepdim=True).pow(0.5))
+    return loss.squeeze()
+
+
+def test_crd_nce_objective_matches_crd_written_out_over_two_steps():
+    torch.manual_seed(0)
+    features, labels = torch.randn(12, 10), torch.tensor([0, 1, 2] * 4)
+    bank = MemoryBank(features, torch.zeros(12, 3), labels, regression=False)
+    memory = MomentumMemory(12, 4, 0.1, momentum=0.5)
+    objective = CodirObjective(6, 10, 4, 0.1, bank=bank, num_negatives=5, sampler=torch.Generator().manual_seed(3), memory=memory)
+    memory_s, memory_t, z = memory.student_rows.clone(), memory.teacher_rows.clone(), [-1.0, -1.0]
+    replay = torch.Generator().manual_seed(3)
+    for ids in (torch.tensor([0, 3]), torch.tensor([3, 7])):  # example 3 again: its rows moved at step 1
+        anchors = torch.randn(2, 6)
+        loss, stats = objective(anchors, features[ids], labels[ids], ids)
+        rows = bank.sample_negatives(ids, labels[ids], 5, replay)
+        v1, v2 = objective.heads.project_student(anchors), objective.heads.project_teacher(features[ids])
+        reference = crd_reference_step(memory_s, memory_t, z, v1, v2, ids, torch.cat([ids[:, None], rows], 1), 0.1, 0.5, 12)
+        torch.testing.assert_close(loss, reference)
+        torch.testing.assert_close(memory.student_rows, memory_s)
+        torch.testing.assert_close(memory.teacher_rows, memory_t)
+        assert memory.normalisers.tolist() == pytest.approx(z)  # fixed at the first step
+        assert set(stats) == set(CONTRASTIVE_STATS)
+    loss.backward()  # gradients reach both heads: the student's through its scores, the teacher's through its own
+    assert objective.heads.student.weight.grad.abs().sum() > 0
+    assert objective.heads.teacher.weight.grad.abs().sum() > 0

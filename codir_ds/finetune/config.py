@@ -56,6 +56,8 @@ class FinetuneStudentConfig(StudentConfig):
 class FinetuneCodirConfig(CodirConfig):
     negatives: Literal["bank", "queue"] = "bank"  # bank: teacher features of the whole train set; queue: stage-1 FIFO
     num_negatives: int = 100  # bank: K negatives per anchor, of a different label (random for regression)
+    objective: Literal["infonce", "crd_nce"] = "infonce"  # crd_nce: the authors' CRD binary NCE against a momentum memory (bank only)
+    momentum: float = 0.5  # crd_nce: weight of a memory row's old value when its example is seen again
 
 
 @dataclass
@@ -102,6 +104,10 @@ class FinetuneConfig(RunPaths):
         validate_models(self.teacher, self.student)
         validate_codir(self.codir)
         at_least(self.codir.num_negatives, 1, "codir.num_negatives")
+        if self.codir.objective == "crd_nce" and self.codir.negatives != "bank":
+            raise CodirError("codir.objective: crd_nce scores rows of a memory over the training set; it needs codir.negatives=bank")
+        if not 0 <= self.codir.momentum < 1:
+            raise CodirError(f"codir.momentum: {self.codir.momentum} is not in [0, 1)")
         if not 0 <= self.loss.alpha <= 1:
             raise CodirError(f"loss.alpha: {self.loss.alpha} is not in [0, 1] (it weighs KD against CE)")
         at_least(self.loss.beta, 0, "loss.beta")

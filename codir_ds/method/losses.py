@@ -91,6 +91,16 @@ def sampled_contrastive_logits(anchors: torch.Tensor, positives: torch.Tensor, n
     return torch.cat([positive, negative], dim=1) / temperature
 
 
+def binary_nce(scores: torch.Tensor, noise: float, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss (Tian et al., 2020): `scores` [batch, 1 + K] are exp(similarity / tau) / Z with the positive
+    in column 0; each score is told apart from K noise draws of probability `noise` (1 / N each):
+    -(log P(data | positive) + sum over negatives log P(noise | negative)), summed, divided by the batch."""
+    share = (scores.shape[1] - 1) * noise
+    positive = torch.log(scores[:, 0] / (scores[:, 0] + share + eps))
+    negative = torch.log(share / (scores[:, 1:] + share + eps))
+    return -(positive.sum() + negative.sum()) / len(scores)
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
     """Cross-entropy on class logits, or MSE of the single output for regression."""
     if regression:

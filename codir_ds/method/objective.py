@@ -13,6 +13,7 @@ from torch import nn
 from ..runtime.distributed import all_gather_rows, device
 from .losses import contrastive_logits, contrastive_stats, info_nce, normalized_fp32, sampled_contrastive_logits
 from .memory_bank import MemoryBank
+from .momentum_memory import MomentumMemory
 from .negatives import NegativeQueue
 
 
@@ -40,7 +41,8 @@ class CodirObjective(nn.Module):
       the queue when the next micro-step begins (after this one's backward, which still reads the queue), so
       a step sees exactly the rows of the steps before it.
     - `bank`: `num_negatives` rows per anchor drawn from the memory bank by `sampler` (a label other than the
-      anchor's; any other example for regression).
+      anchor's; any other example for regression). With a `memory` (`codir.objective: crd_nce`), the drawn rows are
+      read from CRD's momentum memory instead and scored with its binary NCE (`momentum_memory.py`).
     With `labels`, queued candidates of the anchor's label are masked out (label-aware negatives); with example
     `ids`, so are other copies of the anchor's own example. The anchor's positive is never masked.
     """
@@ -55,13 +57,16 @@ class CodirObjective(nn.Module):
         bank: MemoryBank | None = None,
         num_negatives: int = 0,
         sampler: torch.Generator | None = None,
+        memory: MomentumMemory | None = None,
     ):
         super().__init__()
         if (queue is None) == (bank is None):
             raise ValueError("CodirObjective takes a queue or a bank of negatives, not both")
+        if memory is not None and bank is None:
+            raise ValueError("CodirObjective: a momentum memory draws its rows through a bank")
         self.heads = ProjectionHeads(student_dim, teacher_dim, projection_dim)
         self.tau = contrastive_temperature
-        self.queue, self.bank, self.num_negatives, self.sampler = queue, bank, num_negatives, sampler
+        self.queue, self.bank, self.num_negatives, self.sampler, self.memory = queue, bank, num_negatives, sampler, memory
         self._pending: tuple | None = None  # the last batch's (features, labels, ids), enqueued at the next call
 
     def forward(
@@ -70,6 +75,11 @@ class CodirObjective(nn.Module):
         """InfoNCE loss of this rank's anchors and its statistics (detached): `student_features` [B, Fs] and
         `teacher_features` [B, Ft] are the pooled mapped layers of the same samples."""
         anchors = self.heads.project_student(student_features)
+        if self.memory is not None:
+            rows = self.bank.sample_negatives(ids, labels, self.num_negatives, self.sampler)
+            loss, logits = self.memory(anchors, self.heads.project_teacher(teacher_features), ids, rows)
+            positive_index = torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
+            return loss, contrastive_stats(logits, positive_index, self.tau)
         if self.bank is not None:
             logits, positive_index = self._bank_logits(anchors, teacher_features, labels, ids)
         else:
@@ -129,10 +139,13 @@ class CodirObjective(nn.Module):
 
 def run_objective(codir, student_config, teacher_feature_dim: int, bank: MemoryBank | None = None, sampler: torch.Generator | None = None):
     """The objective a run's `codir` section asks for on this student (anchors: all its layers pooled, concatenated):
-    K = `codir.num_negatives` per anchor from `bank`, drawn by `sampler`, or else the queue of `codir.queue_length`
-    rows on this rank's device."""
+    K = `codir.num_negatives` per anchor from `bank`, drawn by `sampler` (scored against CRD's momentum memory with
+    `codir.objective: crd_nce`), or else the queue of `codir.queue_length` rows on this rank's device."""
     width = student_config.num_hidden_layers * student_config.hidden_size
     args = (width, teacher_feature_dim, codir.projection_dim, codir.temperature)
     if bank is not None:
-        return CodirObjective(*args, bank=bank, num_negatives=codir.num_negatives, sampler=sampler)
+        memory = None
+        if codir.objective == "crd_nce":  # a bank comes with stage 2's codir section
+            memory = MomentumMemory(len(bank), codir.projection_dim, codir.temperature, codir.momentum)
+        return CodirObjective(*args, bank=bank, num_negatives=codir.num_negatives, sampler=sampler, memory=memory)
     return CodirObjective(*args, queue=NegativeQueue(codir.queue_length, teacher_feature_dim, device=device()))
