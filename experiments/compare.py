@@ -57,6 +57,10 @@ VARIANTS = {  # name: (description, overrides)
         f"CE + KD + CoDIR, the defaults (β {DEFAULT_BETA:g}, τ {DEFAULT_TAU:g}, K {DEFAULT_K})",
         {"loss.alpha": 0.5, "loss.intermediate": "codir"},
     ),
+    "kd_codir_authors": (  # their crd_weight 1 is β 0.03 here (docs/method.md, "Beta scale")
+        f"CE + KD + CoDIR as the authors' code: CRD's NCE with a momentum-0.5 memory, [CLS], odd teacher layers (β {DEFAULT_BETA:g})",
+        {"loss.alpha": 0.5, "loss.intermediate": "codir", "codir.objective": "crd_nce", "codir.pooling": "cls", "codir.layer_map": "odd"},
+    ),
 }
 BASELINE = "kd"  # every paired difference is taken to this variant
 CONTROL = ("kd", "ce")  # the positive control: KD must beat CE for the setting to be able to test CoDIR

@@ -189,6 +189,12 @@ def test_compare_trains_and_reports_dev_and_test_of_the_dev_selected_checkpoint(
         assert row["test"] == next(e for e in history["history"] if e["step"] == row["step"])["metrics"]["test"]["accuracy"]
     assert "| CE + KD + CoDIR, β 0.1, τ 0.2, K 8 |" in (tmp_path / "out/results.md").read_text()
     assert not (tmp_path / "out/runs/kd_seed2/checkpoints").exists()  # removed after each run
+    (authors,) = compare.compare(variants="kd_codir_authors", beta="", seeds=1, out=str(tmp_path / "authors"), **setting)
+    assert authors["name"] == "kd_codir_authors"
+    assert 0 <= authors["test"] <= 1
+    card = (tmp_path / "authors/runs/kd_codir_authors_seed1/student/README.md").read_text()
+    for made in ("| layer map (teacher layer of each student layer) | [1, 3] |", "| pooling | cls |", "objective crd_nce", "momentum 0.5"):
+        assert made in card, made
 
 
 def test_convention_splits_keep_the_party_mix(tmp_path):

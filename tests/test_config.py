@@ -157,6 +157,18 @@ def test_stage1_needs_exactly_one_corpus_source(tmp_path, tiny_teacher):
     )
 
 
+def test_layer_map_odd_takes_the_teachers_odd_layers_for_a_half_depth_student(tmp_path, tiny_teacher):
+    assert plan_models(load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"codir.layer_map": "odd"})).layer_map == [1, 3]
+    three = load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"codir.layer_map": "odd", "student.num_layers": 3})
+    assert error_of(lambda: plan_models(three)) == (
+        "codir.layer_map: odd maps the teacher's 2 odd layers, one per student layer, but the student has 3; "
+        "set student.num_layers=2 or list the layers"
+    )
+    assert error_of(lambda: load_config(PretrainConfig, str(base(tmp_path, tiny_teacher)), {"codir.layer_map": "even"})) == (
+        "codir.layer_map: 'even' is neither list[int] nor odd"
+    )
+
+
 @pytest.mark.parametrize("given, expected", [(None, "auto"), ("auto", "auto"), ("true", True), (False, False)])
 def test_teacher_zero3_takes_auto_or_a_boolean(tmp_path, tiny_teacher, given, expected):
     overrides = {} if given is None else {"teacher.zero3": given}

@@ -55,7 +55,7 @@ def plan_models(cfg) -> ModelPlan:
             "its weights across layers; use student.init=config or student.init=checkpoint"
         )
     student_cfg = cfg.student
-    if student_cfg.init == "teacher_layers" and not student_cfg.num_layers and cfg.codir.layer_map:
+    if student_cfg.init == "teacher_layers" and not student_cfg.num_layers and isinstance(cfg.codir.layer_map, list):
         student_cfg = dataclasses.replace(student_cfg, num_layers=len(cfg.codir.layer_map))
     student_config = student_model_config(student_cfg, teacher_config)
     layer_map = resolve_layer_map(cfg.codir.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers)

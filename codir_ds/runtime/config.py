@@ -40,7 +40,7 @@ class StudentConfig:
 
 @dataclass
 class CodirConfig:
-    layer_map: list[int] | None = None  # teacher layer (1-based) per student layer; None = uniform
+    layer_map: list[int] | Literal["odd"] | None = None  # teacher layer (1-based) per student layer; None = uniform; odd = 1, 3, 5, ...
     pooling: Literal["mean", "cls"] = "mean"  # how a layer's token states become one vector: masked mean or [CLS]
     projection_dim: int = 128  # size of the projection the contrastive loss compares in
     temperature: float = 0.07  # InfoNCE temperature tau
@@ -114,7 +114,7 @@ def validate_models(teacher: TeacherConfig, student: StudentConfig) -> None:
 
 
 def validate_codir(codir: CodirConfig) -> None:
-    if codir.layer_map is not None:
+    if isinstance(codir.layer_map, list):
         if not codir.layer_map:
             raise CodirError("codir.layer_map: must list at least one teacher layer (or be null)")
         for layer in codir.layer_map:
@@ -289,13 +289,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        options = [a for a in args if a is not type(None)]
+        options, errors = [a for a in args if a is not type(None)], []
         for option in options:  # the first that takes the value, e.g. "auto" before a bool
             try:
                 return _coerce(value, option, key)
-            except CodirError:
-                if len(options) == 1:
-                    raise
+            except CodirError as err:
+                errors.append(err)
+        lists = [err for err, option in zip(errors, options) if typing.get_origin(option) is list]
+        if len(options) == 1 or (isinstance(value, list) and lists):  # a list says what is wrong inside it
+            raise (errors[0] if len(options) == 1 else lists[0])
         raise CodirError(f"{key}: {value!r} is neither {' nor '.join(type_name(a) for a in options)}")
     if origin is Literal:
         if value not in args:
