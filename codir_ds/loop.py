@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .method.losses import CONTRASTIVE_STATS
+from .method.losses import STATISTICS
 from .runs.checkpoint import Resume, latest_tag, load_checkpoint, save_checkpoint
 from .runs.export import save_student_spec
 from .runs.monitor import Monitor, average_terms
@@ -52,7 +52,9 @@ def train(cfg, stage, resume: Resume | None, stop_after: int | None = None) -> T
     samples = cfg.train.micro_batch_size * accumulation * world_size()
     last = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
     result, stop = TrainResult(start), StopRequest(cfg.stop_file, run_started_ns(cfg.output.dir))
+    measurable = cfg.logging.gradient_ratio and engine.zero_optimization_stage() < 3  # ZeRO-3 partitions the parameters
     for step in range(start + 1, last + 1):
+        engine.module.measure_gradients = measurable and monitor.logs(step)
         terms = average_terms([stage.micro_step() for _ in range(accumulation)])  # tensors: no host sync here
         stopping = _check_step(terms, stop.requested(), step, checkpoints)  # the step's one all-reduce and host sync
         logged = monitor.step(step, samples, samples * stage.tokens_per_sample, terms, stage.scalars)
@@ -79,7 +81,7 @@ def _announce(cfg, stage, resumed_from: str | None, monitor: Monitor) -> None:
 def _check_step(terms: dict[str, torch.Tensor], stop_requested: bool, step: int, checkpoints) -> bool:
     """Whether any rank asks to stop; raises (on every rank) at the first step whose loss is not finite, before
     it is checkpointed. One all-reduce answers both."""
-    losses = [name for name in terms if name not in CONTRASTIVE_STATS]
+    losses = [name for name in terms if name not in STATISTICS]
     flags = torch.stack([torch.isfinite(terms[name]) for name in losses] + [torch.tensor(not stop_requested, device=terms["total"].device)])
     agreed = all_ranks(flags)  # True where true on every rank
     finite, stopping = agreed[:-1], not bool(agreed[-1])

@@ -95,10 +95,12 @@ EMBEDDED = {  # the embedded setting; overridable key by key
     "eval.every": 40,
     "eval.batch_size": 128,
     "logging.every": 10,
+    "logging.gradient_ratio": True,  # the intermediate term's gradient norm over CE + KD's, on logged steps
     "checkpoint.every": 0,
     "output.export": False,
 }
-FIELDS = ["name", "description", "seed", "beta", "tau", "k", "metric", "dev", "test", "step", "steps", "seconds"]
+FIELDS = ["name", "description", "seed", "beta", "tau", "k", "metric", "dev", "test", "step", "steps", "seconds", "gradient_ratio", "saturated_at"]
+SATURATED = 0.99  # training contrastive top-1 from which the term has little left to teach
 FIGURE = "test_vs_beta.png"
 
 
@@ -291,7 +293,16 @@ def _train(spec: tuple[str, str, dict, int], out: Path, base: dict) -> dict:
         "step": step,
         "steps": run.cfg.train.max_steps,
         "seconds": round(time.perf_counter() - started, 1),
+        **term_activity(run.history, cfg.logging.every, run.cfg.train.max_steps),
     }
+
+
+def term_activity(history: list[dict], every: int, total: int) -> dict:
+    """Whether a run's intermediate term did anything: the mean of its logged gradient-norm ratios to CE + KD, and
+    the first logged step whose training contrastive top-1 reached SATURATED ("" where not logged or never)."""
+    ratios = [h["gradient_ratio"] for h in history if "gradient_ratio" in h]
+    steps = [min(every * (i + 1), total) for i, h in enumerate(history) if h.get("top1_accuracy", 0) >= SATURATED]  # the logged steps
+    return {"gradient_ratio": statistics.mean(ratios) if ratios else "", "saturated_at": steps[0] if steps else ""}
 
 
 def _parse(row: dict) -> dict:
@@ -307,6 +318,8 @@ def _parse(row: dict) -> dict:
         "step": int(row["step"]),
         "steps": int(row["steps"]),
         "seconds": float(row["seconds"]),
+        "gradient_ratio": number(row.get("gradient_ratio", ""), float),
+        "saturated_at": number(row.get("saturated_at", ""), int),
     }
 
 
@@ -431,6 +444,7 @@ def write_report(rows: list[dict], out: Path) -> None:
         scores = f"{dev[0]:.2f} ± {dev[1]:.2f} | {test[0]:.2f} ± {test[1]:.2f}"
         lines.append(f"| {group[0]['description']} | {scores} | {difference} | {p} | {equivalence} | {len(group)} | {minutes:.1f} |")
     lines += _positive_control(groups)
+    lines += _term_activity(groups)
     teacher = out / "teacher" / "teacher" / "eval_results.json"
     if teacher.is_file():  # the embedded teacher, finetuned by this comparison
         evals = json.loads(teacher.read_text())["history"]
@@ -442,6 +456,23 @@ def write_report(rows: list[dict], out: Path) -> None:
         lines += ["", f"CoDIR setting with the best mean dev score (chosen on dev only): **{groups[best][0]['description']}**."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_test_vs_beta(rows, out / FIGURE)
+
+
+def _term_activity(groups: dict[str, list[dict]]) -> list[str]:
+    """Per arm with an intermediate term: its mean gradient-norm ratio to CE + KD and in how many seeds (and from
+    which step, the median) its training contrastive top-1 reached SATURATED."""
+    rows = []
+    for group in groups.values():
+        ratios = [r["gradient_ratio"] for r in group if r.get("gradient_ratio") not in ("", None)]
+        if not ratios:
+            continue
+        saturated = [r["saturated_at"] for r in group if r.get("saturated_at") not in ("", None)]
+        when = f"{len(saturated)} of {len(group)}" + (f", median step {statistics.median(saturated):g}" if saturated else "")
+        rows.append(f"| {group[0]['description']} | {statistics.mean(ratios):.3g} | {when} |")
+    if not rows:
+        return []
+    header = ["", "Does the term do anything? (gradient norms on the student; training contrastive top-1)", ""]
+    return header + [f"| variant | β-weighted term / CE + KD, gradient norm | top-1 ≥ {SATURATED:.0%} in seeds |", "| --- | ---: | --- |", *rows]
 
 
 def _positive_control(groups: dict[str, list[dict]]) -> list[str]:

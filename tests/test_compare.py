@@ -124,6 +124,12 @@ def test_paired_tests_and_holm_match_scipy_and_a_hand_computation():
     assert compare.holm([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.04, 0.03, math.nan, 0.04], nan_ok=True)
 
 
+def test_term_activity_reads_the_logged_ratios_and_the_first_saturated_step():
+    history = [{"top1_accuracy": 0.5, "gradient_ratio": 0.2}, {"top1_accuracy": 0.995, "gradient_ratio": 0.1}, {"top1_accuracy": 1.0}]
+    assert compare.term_activity(history, every=10, total=25) == {"gradient_ratio": pytest.approx(0.15), "saturated_at": 20}
+    assert compare.term_activity([{"total": 1.0}], every=10, total=10) == {"gradient_ratio": "", "saturated_at": ""}
+
+
 def test_report_and_figure_come_from_the_rows_and_again_from_the_csv(tmp_path):
     rows = rows_for("kd", [0.80, 0.79, 0.81]) + rows_for("kd_mse", [0.805, 0.80, 0.80]) + rows_for("ce", [0.78, 0.78, 0.79])
     for beta, shift in ((0.01, 0.002), (0.1, -0.004), (1.0, -0.02)):
@@ -188,6 +194,9 @@ def test_compare_trains_and_reports_dev_and_test_of_the_dev_selected_checkpoint(
         assert row["step"] == history["best"]["step"]  # the checkpoint the run kept and exported
         assert row["test"] == next(e for e in history["history"] if e["step"] == row["step"])["metrics"]["test"]["accuracy"]
     assert "| CE + KD + CoDIR, β 0.1, τ 0.2, K 8 |" in (tmp_path / "out/results.md").read_text()
+    assert all(r["gradient_ratio"] > 0 for r in rows if r["name"] != "kd")  # logged on every logging step
+    assert all(r["gradient_ratio"] == "" for r in rows if r["name"] == "kd")  # no intermediate term
+    assert "| CE + KD + CoDIR, β 0.1, τ 0.2, K 8 | " in (tmp_path / "out/results.md").read_text().split("Does the term do anything?")[1]
     assert not (tmp_path / "out/runs/kd_seed2/checkpoints").exists()  # removed after each run
     (authors,) = compare.compare(variants="kd_codir_authors", beta="", seeds=1, out=str(tmp_path / "authors"), **setting)
     assert authors["name"] == "kd_codir_authors"

@@ -55,6 +55,7 @@ def test_evaluation_matches_a_plain_recomputation_and_reaches_tensorboard_csv_an
         data={"num_workers": 0, "eval_blocks": 12},
         eval={"every": 2, "batch_size": 5},  # 12 blocks in batches of 5: a short last batch
         checkpoint={"every": 0},
+        logging={"every": 1, "gradient_ratio": True},
     )
     run = run_pretraining(load_config(PretrainConfig, str(config)))
     assert [e["step"] for e in run.evals] == [2, 4]
@@ -91,8 +92,10 @@ def test_evaluation_matches_a_plain_recomputation_and_reaches_tensorboard_csv_an
     scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
     assert scalars["eval/mlm_loss"] == pytest.approx([e["metrics"]["mlm_loss"] for e in run.evals])
     assert set(want) == {tag.removeprefix("eval/") for tag in scalars if tag.startswith("eval/")}
+    assert len(scalars["gradients/intermediate_ratio"]) == 4
+    assert all(0 < ratio < math.inf for ratio in scalars["gradients/intermediate_ratio"])
     # DeepSpeed's csv monitor, enabled in its config, receives the same scalars
-    for tag in ("loss/total", "codir/queue_fill", "lr", "eval/mlm_loss", "eval/codir_top1"):
+    for tag in ("loss/total", "codir/queue_fill", "lr", "gradients/intermediate_ratio", "eval/mlm_loss", "eval/codir_top1"):
         rows = list(csv.reader((tmp_path / "csv/run" / f"{tag.replace('/', '_')}.csv").open()))[1:]
         assert [float(value) for _, value in rows] == pytest.approx(scalars[tag]), tag
     card = ModelCard.load(tmp_path / "out/student/README.md")

@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codir_ds.method.losses import CONTRASTIVE_STATS, contrastive_logits, contrastive_stats, info_nce, pooled_mse, token_cosine, token_mse
+from codir_ds.method.losses import (
+    CONTRASTIVE_STATS,
+    contrastive_logits,
+    contrastive_stats,
+    gradient_norm_ratio,
+    info_nce,
+    pooled_mse,
+    token_cosine,
+    token_mse,
+)
 from codir_ds.method.memory_bank import MemoryBank
 from codir_ds.method.momentum_memory import MomentumMemory
 from codir_ds.method.negatives import NegativeQueue
@@ -223,3 +232,12 @@ def test_crd_nce_objective_matches_crd_written_out_over_two_steps():
     loss.backward()  # gradients reach both heads: the student's through its scores, the teacher's through its own
     assert objective.heads.student.weight.grad.abs().sum() > 0
     assert objective.heads.teacher.weight.grad.abs().sum() > 0
+
+
+def test_gradient_norm_ratio_is_the_ratio_of_the_two_gradients_norms_and_keeps_the_graph():
+    w, v = torch.tensor([1.0, -2.0, 2.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
+    term, rest = (w**2).sum(), 3 * w.sum() + 4 * v.sum()  # gradients (2w, 0) and (3, 3, 3, 4)
+    ratio = gradient_norm_ratio(term, rest, [w, v])
+    assert ratio.item() == pytest.approx(math.sqrt(4 * 9) / math.sqrt(27 + 16))
+    (term + rest).backward()  # the graph is still there for the step's own backward
+    assert w.grad.tolist() == [5.0, -1.0, 7.0]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..method.losses import INTERMEDIATE_LOSSES, task_kd, task_loss
+from ..method.losses import INTERMEDIATE_LOSSES, gradient_norm_ratio, task_kd, task_loss, trainable
 from ..method.objective import CodirObjective
 from ..method.representations import layer_features
 
@@ -42,6 +42,8 @@ class ClassifierWithHeads(nn.Module):
     """The sequence-classification student plus what its intermediate loss trains beside it (dropped at
     export): the CoDIR objective's projection heads, or for the L2/cosine baselines a linear map to the
     teacher's width when the widths differ."""
+
+    measure_gradients = False  # set by the loop on the steps that log `logging.gradient_ratio`
 
     def __init__(self, student: PreTrainedModel, codir: CodirObjective | None, teacher_feature_dim: int, pooling: str, weights: TaskLossWeights):
         super().__init__()
@@ -77,6 +79,9 @@ class ClassifierWithHeads(nn.Module):
         elif self.intermediate is not None:
             terms[w.intermediate] = self._regression_loss(out.hidden_states, attention_mask, teacher_features, teacher_states)
         total = (1 - w.alpha) * terms["ce"] + w.alpha * terms.get("kd", 0.0) + w.beta * terms.get(w.intermediate, 0.0)
+        if self.measure_gradients and w.intermediate in terms:  # `logging.gradient_ratio`, on a logging step
+            weighted = w.beta * terms[w.intermediate]
+            stats = {**stats, "gradient_ratio": gradient_norm_ratio(weighted, total - weighted, trainable(self.student))}
         return {"total": total, **terms}, stats
 
     def _regression_loss(self, hidden_states, attention_mask, teacher_features, teacher_states) -> torch.Tensor:

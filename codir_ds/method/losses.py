@@ -54,6 +54,7 @@ def info_nce(logits: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor
 
 
 CONTRASTIVE_STATS = ("top1_accuracy", "positive_similarity", "negative_similarity")  # what `contrastive_stats` returns
+STATISTICS = (*CONTRASTIVE_STATS, "gradient_ratio")  # logged step values that are not loss terms
 
 
 @torch.no_grad()
@@ -99,6 +100,22 @@ def binary_nce(scores: torch.Tensor, noise: float, eps: float = 1e-7) -> torch.T
     positive = torch.log(scores[:, 0] / (scores[:, 0] + share + eps))
     negative = torch.log(share / (scores[:, 1:] + share + eps))
     return -(positive.sum() + negative.sum()) / len(scores)
+
+
+def gradient_norm_ratio(term: torch.Tensor, rest: torch.Tensor, parameters: list[torch.Tensor]) -> torch.Tensor:
+    """||d term / d parameters|| / ||d rest / d parameters||, 2-norms over all `parameters`: how hard one loss term
+    pulls against the others. The graph is kept for the backward that follows. Call it inside the module's forward:
+    DeepSpeed hooks the engine's outputs, and a backward through them is the engine's backward."""
+    norms = []
+    for loss in (term, rest):
+        grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    return norms[0] / norms[1]
+
+
+def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters of `module` that train."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..method.losses import logit_kd
+from ..method.losses import gradient_norm_ratio, logit_kd, trainable
 from ..method.objective import CodirObjective
 from ..method.representations import layer_features
 from ..models.encoders import mlm_logits
@@ -52,6 +52,8 @@ class LossWeights:
 class StudentWithHeads(nn.Module):
     """The trainable part: the masked-LM student plus the CoDIR objective's projection heads (dropped at export)."""
 
+    measure_gradients = False  # set by the loop on the steps that log `logging.gradient_ratio`
+
     def __init__(self, student: PreTrainedModel, codir: CodirObjective, pooling: str, weights: LossWeights):
         super().__init__()
         self.student, self.codir = student, codir
@@ -72,4 +74,6 @@ class StudentWithHeads(nn.Module):
         terms["codir"], stats = self.codir(layer_features(out.hidden_states, self.layers, attention_mask, self.pooling), teacher_features)
         w = self.weights
         total = w.mlm * terms["mlm"] + w.kd * terms.get("kd", 0.0) + w.codir * terms["codir"]
+        if self.measure_gradients:  # `logging.gradient_ratio`, on a logging step
+            stats["gradient_ratio"] = gradient_norm_ratio(w.codir * terms["codir"], total - w.codir * terms["codir"], trainable(self.student))
         return {"total": total, **terms}, stats

@@ -32,7 +32,7 @@ class Monitor:
         a logging step holds one all-reduce."""
         self._samples += samples
         self._tokens += tokens
-        if step % self.every and step != self.total:
+        if not self.logs(step):
             return {}
         now = time.perf_counter()
         elapsed = max(now - self._since, 1e-9)
@@ -54,6 +54,10 @@ class Monitor:
         )
         return values
 
+    def logs(self, step: int) -> bool:
+        """Whether `step` is a logging step (every `every` steps and the last)."""
+        return step % self.every == 0 or step == self.total
+
     def scalars(self, step: int, scalars: dict[str, float]) -> None:
         """Write extra scalars (e.g. evaluation results) at `step`, to TensorBoard and to the monitors (csv, wandb,
         comet) the DeepSpeed config enables."""
@@ -73,7 +77,10 @@ class Monitor:
 
 
 def _scalar_name(term: str) -> str:
-    """TensorBoard name of a step value: `codir/<statistic>` for CoDIR's statistics, `loss/<term>` for loss terms."""
+    """TensorBoard name of a step value: `codir/<statistic>` for CoDIR's statistics, `gradients/intermediate_ratio` for
+    the gradient-norm ratio (`logging.gradient_ratio`), `loss/<term>` for loss terms."""
+    if term == "gradient_ratio":
+        return "gradients/intermediate_ratio"
     return f"codir/{term}" if term in CONTRASTIVE_STATS else f"loss/{term}"
 
 

@@ -65,6 +65,7 @@ class TrainConfig:
 class LoggingConfig:
     RENAMED: ClassVar[dict[str, str]] = {"progress_bar": "removed: codir-ds prints one plain line every logging.every steps"}
     every: int = 10  # steps between TensorBoard scalars and log lines
+    gradient_ratio: bool = False  # on logged steps, also the student's gradient norm of the weighted CoDIR/baseline term over the rest's
     tensorboard_dir: str = ""  # default: <output.dir>/tensorboard
 
 
