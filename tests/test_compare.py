@@ -8,7 +8,7 @@ import math
 import statistics
 
 import pytest
-from helpers import REPO, save_task_teacher, write_task
+from helpers import REPO, read_json, save_task_teacher, write_corpus, write_task
 from PIL import Image
 from scipy import stats
 
@@ -18,6 +18,9 @@ from codir_ds.vitaminc import vitaminc_pairs, write_vitaminc_by_title
 spec = importlib.util.spec_from_file_location("compare", REPO / "experiments/compare.py")
 compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
+spec = importlib.util.spec_from_file_location("pre_fine", REPO / "experiments/pre_fine.py")
+pre_fine = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pre_fine)
 
 
 def read_split(path):
@@ -204,6 +207,30 @@ def test_compare_trains_and_reports_dev_and_test_of_the_dev_selected_checkpoint(
     card = (tmp_path / "authors/runs/kd_codir_authors_seed1/student/README.md").read_text()
     for made in ("| layer map (teacher layer of each student layer) | [1, 3] |", "| pooling | cls |", "objective crd_nce", "momentum 0.5"):
         assert made in card, made
+
+
+def test_pre_fine_pretrains_with_and_without_codir_and_finetunes_both_on_the_same_seeds(tmp_path, tiny_teacher):
+    setting = {
+        "task.train_file": str(write_task(tmp_path / "train.csv", 32)),
+        "task.dev_files": [str(write_task(tmp_path / "dev.csv", 16, seed=1)), str(write_task(tmp_path / "test.csv", 16, seed=2))],
+        "task.labels": ["neg", "pos"],
+        "teacher.path": str(save_task_teacher(tmp_path / "task_teacher")),
+        "task.max_seq_length": 24,
+        "train.micro_batch_size": 8,
+        "train.epochs": 1,
+        "eval.every": 2,
+    }
+    corpus = str(write_corpus(tmp_path / "corpus.txt", documents=40))
+    out = tmp_path / "out"
+    rows = pre_fine.pre_fine("rotten_tomatoes", seeds=2, steps=2, out=str(out), corpus=corpus, pretrain_teacher=str(tiny_teacher), **setting)
+    assert [[r["seed"] for r in rows[arm]] for arm in ("codir", "mlm")] == [[1, 2], [1, 2]]
+    assert read_json(out / "pre_codir/student/config.json") == read_json(out / "pre_mlm/student/config.json")  # only the loss differs
+    cards = {arm: (out / f"pre_{arm}/student/README.md").read_text() for arm in rows}
+    assert "codir 1.0" in cards["codir"]
+    assert "codir 0.0" in cards["mlm"]
+    tests = {arm: [100 * r["test"] for r in rows[arm]] for arm in rows}
+    mean, low, high = compare.paired_interval(tests["codir"], tests["mlm"])
+    assert f"paired over 2 seeds: {mean:+.2f} [{low:+.2f}, {high:+.2f}] (95 % CI)." in (out / "pre_fine.md").read_text()
 
 
 def test_convention_splits_keep_the_party_mix(tmp_path):
