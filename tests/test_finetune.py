@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import REPO, child_env, plain_accuracy, save_task_teacher, save_tiny_model, tensorboard_scalars, write_task, write_task_config
 from huggingface_hub import ModelCard
 from test_pretrain_cli import one_line_error
@@ -13,6 +14,7 @@ from transformers import AutoConfig
 
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import run_finetuning, teacher_training_config
+from codir_ds.method.objective import CodirObjective
 from codir_ds.runs.state_files import save_state
 from codir_ds.runtime.config import load_config
 from codir_ds.runtime.errors import CodirError
@@ -47,11 +49,48 @@ def test_cached_teacher_outputs_train_exactly_like_a_live_teacher(tmp_path, task
     assert cached.evals[-1]["metrics"] == live.evals[-1]["metrics"]
 
 
-def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
+def record_queue_logits(monkeypatch) -> list[dict]:
+    """Every queue step's contrastive logits, each anchor's positive and example id, and the candidates' example
+    ids (this batch's, then the queue's), as the run computed them."""
+    steps = []
+    compute = CodirObjective._queue_logits
+
+    def recording(self, anchors, teacher_features, labels, ids):
+        logits, positive = compute(self, anchors, teacher_features, labels, ids)
+        candidates = torch.cat([ids, self.queue.stored()[2]])  # one rank: the gathered batch is this batch
+        steps.append({"logits": logits.detach().clone(), "positive": positive, "anchors": ids.clone(), "candidates": candidates.clone()})
+        return logits, positive
+
+    monkeypatch.setattr(CodirObjective, "_queue_logits", recording)
+    return steps
+
+
+def assert_queue_masks(steps: list[dict], labels: torch.Tensor | None) -> dict[str, int]:
+    """Each logit is -inf exactly where its candidate is another copy of the anchor's example or (with the examples'
+    `labels`, by id) shares its label, its positive excepted; returns how many were masked for each reason."""
+    counts = {"id": 0, "label": 0}
+    for step in steps:
+        anchors, candidates, positive = step["anchors"], step["candidates"], step["positive"]
+        assert (candidates >= 0).all()  # every queued row knows its example
+        same_id = anchors[:, None] == candidates[None, :]
+        same_label = labels[anchors][:, None] == labels[candidates][None, :] if labels is not None else torch.zeros_like(same_id)
+        masked = same_id | same_label
+        masked[torch.arange(len(anchors)), positive] = False
+        assert torch.equal(step["logits"] == float("-inf"), masked)
+        assert step["logits"][~masked].isfinite().all()
+        counts["id"] += int((masked & same_id).sum())
+        counts["label"] += int((masked & same_label & ~same_id).sum())
+    return counts
+
+
+def test_regression_with_queue_negatives(tmp_path, tiny_teacher, monkeypatch):
     train, dev = write_task(tmp_path / "train.csv", 96, regression=True), write_task(tmp_path / "dev.csv", 30, seed=2, regression=True)
     teacher = save_task_teacher(tmp_path / "teacher", num_labels=1)
     cfg = config(tmp_path, teacher, (train, dev), **{"task.regression": True, "codir.negatives": "queue", "train.epochs": 2})
+    steps = record_queue_logits(monkeypatch)
     run = run_finetuning(cfg)
+    assert len(steps) == 24
+    assert assert_queue_masks(steps, labels=None)["id"] > 0  # the second epoch meets its examples' first-epoch copies in the queue
     assert run.task.metrics == ("pearson", "spearman")
     assert run.objective.queue.filled == 32
     assert run.bank is None
@@ -69,6 +108,15 @@ def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
     assert exported.problem_type == "regression"
     scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
     assert {"loss/total", "loss/ce", "loss/kd", "loss/codir", "codir/queue_fill", "eval/dev/pearson", "lr"} <= set(scalars)
+
+
+def test_queue_negatives_of_the_anchors_label_are_masked(tmp_path, task_teacher, task, monkeypatch):
+    steps = record_queue_logits(monkeypatch)
+    run = run_finetuning(config(tmp_path, task_teacher, task, **{"codir.negatives": "queue", "train.max_steps": 6}))
+    labels = torch.full((len(run.data.train),), -1)
+    labels[run.data.train["idx"]] = torch.tensor(run.data.train["label"])
+    assert len(steps) == 6
+    assert assert_queue_masks(steps, labels)["label"] > 0
 
 
 def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path, task):
