@@ -1,7 +1,10 @@
 """The real slurm/pretrain.sbatch on 2 "nodes" of this machine: stand-in srun/scontrol start one DeepSpeed
-launcher with 1 CPU rank per node (real sockets on loopback). Completion, SIGUSR1 preemption, a dead rank."""
+launcher with 1 CPU rank per node (real sockets on loopback). Completion, SIGUSR1 preemption, a dead rank; and a
+hung rank under the plain launcher."""
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -10,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import REPO, child_env, write_corpus, write_run_config
+from helpers import REPO, child_env, run_deepspeed, write_corpus, write_run_config
 
 from codir_ds.runs.state_files import load_state
 
@@ -94,18 +97,44 @@ def test_two_nodes_share_one_world_sigusr1_checkpoints_stops_requeues_and_the_ne
     assert torch.equal(states[0]["queue"]["features"], states[1]["queue"]["features"])  # negatives shared across nodes
 
 
-def test_a_dead_rank_ends_the_whole_job_with_an_error(setup):
-    config, run_dir, env = setup
-    job = sbatch(config, env, "--train.max_steps=100000", "--checkpoint.every=5", "--train.comm_timeout_minutes=0.5")
-    wait_for(run_dir / "checkpoints/latest", job)
-    victim = next(
+def rank_process(rank: int) -> psutil.Process:
+    return next(
         p
         for p in psutil.process_iter(["cmdline", "environ"])
-        if "launch/pretrain.py" in " ".join(p.info["cmdline"] or []) and (p.info["environ"] or {}).get("RANK") == "1"
+        if "launch/pretrain.py" in " ".join(p.info["cmdline"] or []) and (p.info["environ"] or {}).get("RANK") == str(rank)
     )
-    victim.kill()
-    started = time.time()
-    output, _ = job.communicate(timeout=120)
-    elapsed = time.time() - started
-    assert job.returncode != 0, output[-3000:]
-    assert elapsed < 60, output[-3000:]
+
+
+def test_a_dead_rank_ends_the_whole_job_through_its_launcher(setup):
+    config, run_dir, env = setup
+    job = sbatch(config, env, "--train.max_steps=100000", "--checkpoint.every=5")
+    wait_for(run_dir / "checkpoints/latest", job)
+    rank0 = rank_process(0)
+    rank0.suspend()  # rank 0 cannot notice the dead peer itself: only node 1's launcher can end the job
+    rank_process(1).kill()
+    try:
+        output, _ = job.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank0.resume()  # on failure, lets the job end by itself
+    assert job.returncode == 247, output[-3000:]  # the launcher's sys.exit(-9), through srun and the sbatch script
+    assert output.splitlines()[-1] == "codir-ds/slurm: ranks finished with status 247"
+    last = node_logs(run_dir)[1].splitlines()[-1]
+    assert re.fullmatch(
+        r"\[.*\] \[ERROR\] \[launch.py:\d+:sigkill_handler\] \[.*'launch/pretrain.py', '--local_rank=0', .*\] exits with return code = -9", last
+    )
+
+
+def test_a_collective_timeout_ends_a_run_whose_peer_hangs():
+    """Rank 1 hangs (alive, silent); rank 0's all-reduce gives up after train.comm_timeout_minutes (0.1: 6 s), and the
+    launcher ends the hung rank."""
+    result = run_deepspeed(REPO / "tests/workers/hang_worker.py", ["--timeout_minutes=0.1"], timeout=120)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank 1 joined" in result.stdout
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("[rank0]: RuntimeError")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"\[rank0\]: RuntimeError: \[\S+/gloo/transport/tcp/unbound_buffer.cc:\d+\] Timed out waiting 6000ms for recv operation to complete",
+        errors[0],
+    )
+    assert re.search(r"\[ERROR\] \[launch.py:\d+:sigkill_handler\] .* exits with return code = 1\n", result.stdout)
