@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import REPO, child_env, run_deepspeed, write_corpus, write_run_config
+from helpers import REPO, child_env, run_deepspeed, save_task_teacher, write_corpus, write_run_config, write_task, write_task_config
 
 from codir_ds.runs.state_files import load_state
 
@@ -41,8 +41,8 @@ def sbatch_env(run_dir: Path, tmp_path: Path) -> dict:
     )
 
 
-def sbatch(config: Path, env: dict, *overrides) -> subprocess.Popen:
-    command = ["bash", str(REPO / "slurm/pretrain.sbatch"), f"--config={config}", *overrides]
+def sbatch(config: Path, env: dict, *overrides, script: str = "pretrain") -> subprocess.Popen:
+    command = ["bash", str(REPO / f"slurm/{script}.sbatch"), f"--config={config}", *overrides]
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -95,6 +95,36 @@ def test_two_nodes_share_one_world_sigusr1_checkpoints_stops_requeues_and_the_ne
     states = [load_state(run_dir / f"checkpoints/step_{stopped + 3}/rank_{r}") for r in (0, 1)]
     assert states[0]["queue"]["filled"] == 24
     assert torch.equal(states[0]["queue"]["features"], states[1]["queue"]["features"])  # negatives shared across nodes
+
+
+def test_sigterm_checkpoints_and_stops_without_a_second_requeue_and_finetune_sbatch_resumes_to_the_end(tmp_path):
+    teacher = save_task_teacher(tmp_path / "teacher")
+    train, dev = write_task(tmp_path / "train.csv", 100), write_task(tmp_path / "dev.csv", 31, seed=1)
+    config = write_task_config(tmp_path, teacher, train, dev, checkpoint={"every": 5})
+    run_dir = tmp_path / "run"
+    env = sbatch_env(run_dir, tmp_path)
+    job = sbatch(config, env, "--train.max_steps=100000", script="finetune")
+    wait_for(run_dir / "checkpoints/latest", job)
+    srun = next(p for p in psutil.Process(job.pid).children() if "srun" in " ".join(p.cmdline()))
+    job.send_signal(signal.SIGTERM)  # preemption: SLURM signals the batch shell and every task of the step
+    srun.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 1, output[-3000:]  # DeepSpeed's launcher exits 1 after its ranks' 75
+    assert "codir-ds/slurm: TERM: asking all ranks to checkpoint and stop" in output
+    stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
+    assert f"codir-ds: stopped at step {stopped} on SIGTERM; checkpoint step_{stopped} written" in node_logs(run_dir)[0]
+    assert (run_dir / f"checkpoints/step_{stopped}/rank_1.json").is_file()
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+    assert not (tmp_path / "scontrol.log").exists()  # SLURM requeues a preempted job itself: the script does not
+
+    requeued = sbatch(config, env, f"--train.max_steps={stopped + 2}", script="finetune")  # the job SLURM requeued
+    output, _ = requeued.communicate(timeout=400)
+    assert requeued.returncode == 0, output[-3000:]
+    assert output.splitlines()[-1] == "codir-ds/slurm: ranks finished with status 0"
+    assert f"resumed from step_{stopped}" in node_logs(run_dir)[0]
+    assert (run_dir / "checkpoints/latest").read_text() == f"step_{stopped + 2}"
+    assert (run_dir / "student/model.safetensors").is_file()
+    assert not (tmp_path / "scontrol.log").exists()
 
 
 def rank_process(rank: int) -> psutil.Process:
