@@ -14,6 +14,7 @@ from transformers import AutoConfig
 
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import run_finetuning, teacher_training_config
+from codir_ds.method.memory_bank import MemoryBank
 from codir_ds.method.objective import CodirObjective
 from codir_ds.runs.state_files import save_state
 from codir_ds.runtime.config import load_config
@@ -117,6 +118,46 @@ def test_queue_negatives_of_the_anchors_label_are_masked(tmp_path, task_teacher,
     labels[run.data.train["idx"]] = torch.tensor(run.data.train["label"])
     assert len(steps) == 6
     assert assert_queue_masks(steps, labels)["label"] > 0
+
+
+def record_bank_draws(monkeypatch) -> list[torch.Tensor]:
+    """The bank rows drawn as negatives, per step."""
+    draws = []
+    sample = MemoryBank.sample_negatives
+
+    def recording(self, *args):
+        draws.append(sample(self, *args).clone())
+        return draws[-1]
+
+    monkeypatch.setattr(MemoryBank, "sample_negatives", recording)
+    return draws
+
+
+@pytest.mark.parametrize("negatives", ["bank", "queue"])
+def test_stage2_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path, task_teacher, task, negatives, monkeypatch):
+    steps = record_queue_logits(monkeypatch) if negatives == "queue" else record_bank_draws(monkeypatch)
+
+    def drawn() -> list[list]:  # the negatives each step contrasted against: bank rows, or the queue's examples
+        taken = [step["candidates"] if negatives == "queue" else step for step in steps]
+        steps.clear()
+        return [rows.tolist() for rows in taken]
+
+    def run(folder, stop_after=None):
+        overrides = {"codir.negatives": negatives, "train.epochs": 2, "eval.every": 6, "train.lr": 0.003}
+        return run_finetuning(config(tmp_path / folder, task_teacher, task, **overrides), stop_after=stop_after)
+
+    whole = run("whole")
+    whole_drawn = drawn()
+    stopped = run("split", stop_after=7)  # 12 steps per epoch: in the middle of the first
+    assert len(stopped.history) == 7
+    assert (tmp_path / "split/out/checkpoints/latest").read_text() == "step_7"
+    resumed = run("split")
+    assert drawn() == whole_drawn
+    assert len(whole_drawn) == 24
+    assert resumed.history == whole.history[7:]
+    assert resumed.evals == whole.evals
+    assert [e["step"] for e in whole.evals] == [6, 12, 18, 24]
+    assert resumed.best == whole.best
 
 
 def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path, task):
