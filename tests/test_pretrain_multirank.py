@@ -130,6 +130,16 @@ def test_zero3_student_resume_equals_uninterrupted_and_export_reloads_without_co
     assert not all(torch.equal(after[name], before[name]) for name in after)
 
 
+def test_elastic_resume_2_to_1_from_a_zero0_checkpoint_loads_it_as_it_is(tmp_path, tiny_teacher):
+    probe = json.dumps([[2, 5, 9, 11, 7, 3], [2, 12, 13, 14, 4, 3]])
+    config = write_run_config(tmp_path, tiny_teacher, write_corpus(tmp_path / "corpus.txt"), train={"deepspeed_config": "ds_configs/cpu_zero0.json"})
+    first, _ = launch(config, tmp_path, "--stop_after=3", f"--probe={probe}")
+    (elastic,) = launch(config, tmp_path, "--stop_after=3", f"--probe={probe}", "--train.gradient_accumulation_steps=2", ranks=1)
+    assert elastic["losses"] == []
+    assert not (tmp_path / "out/checkpoints/step_3_universal").exists()  # whole, unpartitioned state: no conversion
+    torch.testing.assert_close(torch.tensor(elastic["probe_logits"]), torch.tensor(first["probe_logits"]), rtol=0, atol=1e-6)
+
+
 def universal_weights(folder) -> dict:
     """The fp32 weights of a universal checkpoint, by parameter."""
     return {path.parent.name: torch.load(path, weights_only=True) for path in (folder / "zero").glob("*/fp32.pt")}
