@@ -25,7 +25,9 @@ echo "codir-ds/slurm: job $SLURM_JOB_ID: ${#NODES[@]} nodes x $GPUS_PER_NODE ran
 # SLURM sends USR1 to this shell (#SBATCH --signal=B:USR1@120) before the time limit: the stop file makes
 # every rank stop at the next step boundary after writing a checkpoint, and the job is requeued. On
 # preemption or scancel SLURM sends TERM to every process: the ranks checkpoint and stop by themselves,
-# and SLURM requeues a preempted --requeue job itself.
+# and SLURM requeues a preempted --requeue job itself. Each task's DeepSpeed runner ignores TERM: it would
+# die at once, and srun --kill-on-bad-exit would then kill the ranks in the middle of their checkpoint.
+# DeepSpeed's launcher waits up to 30 s for its ranks, then exits 1 (not their 75).
 REQUEUE=0
 request_stop() { touch "$STOP_FILE"; echo "codir-ds/slurm: $1: asking all ranks to checkpoint and stop"; }
 trap 'REQUEUE=1; request_stop USR1' USR1
@@ -33,7 +35,7 @@ trap 'request_stop TERM' TERM
 rm -f "$STOP_FILE"
 
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 --output="$RUN_DIR/logs/job$SLURM_JOB_ID-node%n.log" \
-  bash -c 'exec deepspeed --hostfile "$1" --no_ssh --node_rank "$SLURM_NODEID" --master_addr "$2" --master_port "$3" "${@:4}"' \
+  bash -c 'trap "" TERM; exec deepspeed --hostfile "$1" --no_ssh --node_rank "$SLURM_NODEID" --master_addr "$2" --master_port "$3" "${@:4}"' \
   node-launcher "$HOSTFILE" "$MASTER_ADDR" "$MASTER_PORT" "$ENTRY" --output.dir="$RUN_DIR" --checkpoint.stop_file="$STOP_FILE" "$@" &
 SRUN=$!
 while true; do  # a trapped signal interrupts `wait`; keep waiting for srun itself

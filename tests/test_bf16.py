@@ -1,5 +1,6 @@
-"""bf16: the contrastive similarities and InfoNCE stay float32 under a bf16 model, and a stage-1 run with student and
-teacher in bf16 trains, checkpoints, resumes and exports through DeepSpeed on the CPU."""
+"""bf16: the contrastive similarities and InfoNCE stay float32 under a bf16 model, a stage-1 run with student and
+teacher in bf16 trains, checkpoints, resumes and exports through DeepSpeed on the CPU, and so does stage 2 with
+a memory bank or a queue."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
-from helpers import write_corpus, write_run_config
+from helpers import save_task_teacher, write_corpus, write_run_config, write_task, write_task_config
 from huggingface_hub import ModelCard
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
+from codir_ds.finetune.config import FinetuneConfig
+from codir_ds.finetune.run import run_finetuning
 from codir_ds.method.losses import contrastive_logits, info_nce, sampled_contrastive_logits
 from codir_ds.method.objective import ProjectionHeads
 from codir_ds.models.ds_config import load_ds_config
@@ -87,6 +90,32 @@ def test_stage1_in_bf16_trains_resumes_and_exports(tmp_path, tiny_teacher):
     assert exported.dtype == torch.float32  # the fp32 master weights, consolidated
     trained = resumed.student.module.student.state_dict()
     for name, value in exported.state_dict().items():  # the bf16 weights are the master weights rounded
+        assert torch.equal(value.bfloat16(), trained[name]), name
+
+
+@pytest.mark.skipif(not get_accelerator().is_bf16_supported(), reason="this DeepSpeed accelerator reports no bf16 support")
+@pytest.mark.parametrize("negatives", ["bank", "queue"])
+def test_stage2_in_bf16_keeps_its_negatives_float32_and_exports_fp32(tmp_path, negatives):
+    teacher = save_task_teacher(tmp_path / "teacher")
+    train, dev = write_task(tmp_path / "train.csv", 48), write_task(tmp_path / "dev.csv", 16, seed=1)
+    config = write_task_config(
+        tmp_path, teacher, train, dev, codir={"negatives": negatives}, train={"deepspeed_config": "ds_configs/cpu_bf16.json", "max_steps": 4}
+    )
+    run = run_finetuning(load_config(FinetuneConfig, str(config), {"eval.every": 4}))  # one evaluation: the best is the last step
+    module = run.student.module
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}  # student and projection heads
+    if negatives == "bank":
+        assert (run.bank.features.dtype, run.bank.logits.dtype) == (torch.float32, torch.float32)
+    else:
+        assert {p.dtype for p in run.teacher.parameters()} == {torch.bfloat16}  # the live teacher
+        assert run.objective.queue.features.dtype == torch.float32
+        assert run.objective.queue.filled == 32  # 4 steps x 8 rows
+    assert all(math.isfinite(step[term]) for step in run.history for term in ("total", "ce", "kd", "codir")), run.history
+    assert run.best["step"] == 4
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out/student")
+    assert exported.dtype == torch.float32  # the fp32 master weights, consolidated
+    trained = module.student.state_dict()
+    for name, value in exported.state_dict().items():
         assert torch.equal(value.bfloat16(), trained[name]), name
 
 

@@ -16,6 +16,8 @@ from transformers import AutoConfig
 from codir_ds.finetune.config import FinetuneConfig
 from codir_ds.finetune.run import run_finetuning, teacher_training_config
 from codir_ds.method.losses import CONTRASTIVE_STATS
+from codir_ds.method.memory_bank import MemoryBank
+from codir_ds.method.objective import CodirObjective
 from codir_ds.runs.state_files import save_state
 from codir_ds.runtime.config import load_config
 from codir_ds.runtime.errors import CodirError
@@ -52,11 +54,48 @@ def test_cached_teacher_outputs_train_exactly_like_a_live_teacher(tmp_path, task
     assert cached.evals[-1]["metrics"] == live.evals[-1]["metrics"]
 
 
-def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
+def record_queue_logits(monkeypatch) -> list[dict]:
+    """Every queue step's contrastive logits, each anchor's positive and example id, and the candidates' example
+    ids (this batch's, then the queue's), as the run computed them."""
+    steps = []
+    compute = CodirObjective._queue_logits
+
+    def recording(self, anchors, teacher_features, labels, ids):
+        logits, positive = compute(self, anchors, teacher_features, labels, ids)
+        candidates = torch.cat([ids, self.queue.stored()[2]])  # one rank: the gathered batch is this batch
+        steps.append({"logits": logits.detach().clone(), "positive": positive, "anchors": ids.clone(), "candidates": candidates.clone()})
+        return logits, positive
+
+    monkeypatch.setattr(CodirObjective, "_queue_logits", recording)
+    return steps
+
+
+def assert_queue_masks(steps: list[dict], labels: torch.Tensor | None) -> dict[str, int]:
+    """Each logit is -inf exactly where its candidate is another copy of the anchor's example or (with the examples'
+    `labels`, by id) shares its label, its positive excepted; returns how many were masked for each reason."""
+    counts = {"id": 0, "label": 0}
+    for step in steps:
+        anchors, candidates, positive = step["anchors"], step["candidates"], step["positive"]
+        assert (candidates >= 0).all()  # every queued row knows its example
+        same_id = anchors[:, None] == candidates[None, :]
+        same_label = labels[anchors][:, None] == labels[candidates][None, :] if labels is not None else torch.zeros_like(same_id)
+        masked = same_id | same_label
+        masked[torch.arange(len(anchors)), positive] = False
+        assert torch.equal(step["logits"] == float("-inf"), masked)
+        assert step["logits"][~masked].isfinite().all()
+        counts["id"] += int((masked & same_id).sum())
+        counts["label"] += int((masked & same_label & ~same_id).sum())
+    return counts
+
+
+def test_regression_with_queue_negatives(tmp_path, tiny_teacher, monkeypatch):
     train, dev = write_task(tmp_path / "train.csv", 96, regression=True), write_task(tmp_path / "dev.csv", 30, seed=2, regression=True)
     teacher = save_task_teacher(tmp_path / "teacher", num_labels=1)
     cfg = config(tmp_path, teacher, (train, dev), **{"task.regression": True, "codir.negatives": "queue", "train.epochs": 2})
+    steps = record_queue_logits(monkeypatch)
     run = run_finetuning(cfg)
+    assert len(steps) == 24
+    assert assert_queue_masks(steps, labels=None)["id"] > 0  # the second epoch meets its examples' first-epoch copies in the queue
     assert run.task.metrics == ("pearson", "spearman")
     assert run.objective.queue.filled == 32
     assert run.bank is None
@@ -74,6 +113,55 @@ def test_regression_with_queue_negatives(tmp_path, tiny_teacher):
     assert exported.problem_type == "regression"
     scalars = tensorboard_scalars(tmp_path / "out/tensorboard")
     assert {"loss/total", "loss/ce", "loss/kd", "loss/codir", "codir/queue_fill", "eval/dev/pearson", "lr"} <= set(scalars)
+
+
+def test_queue_negatives_of_the_anchors_label_are_masked(tmp_path, task_teacher, task, monkeypatch):
+    steps = record_queue_logits(monkeypatch)
+    run = run_finetuning(config(tmp_path, task_teacher, task, **{"codir.negatives": "queue", "train.max_steps": 6}))
+    labels = torch.full((len(run.data.train),), -1)
+    labels[run.data.train["idx"]] = torch.tensor(run.data.train["label"])
+    assert len(steps) == 6
+    assert assert_queue_masks(steps, labels)["label"] > 0
+
+
+def record_bank_draws(monkeypatch) -> list[torch.Tensor]:
+    """The bank rows drawn as negatives, per step."""
+    draws = []
+    sample = MemoryBank.sample_negatives
+
+    def recording(self, *args):
+        draws.append(sample(self, *args).clone())
+        return draws[-1]
+
+    monkeypatch.setattr(MemoryBank, "sample_negatives", recording)
+    return draws
+
+
+@pytest.mark.parametrize("negatives", ["bank", "queue"])
+def test_stage2_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path, task_teacher, task, negatives, monkeypatch):
+    steps = record_queue_logits(monkeypatch) if negatives == "queue" else record_bank_draws(monkeypatch)
+
+    def drawn() -> list[list]:  # the negatives each step contrasted against: bank rows, or the queue's examples
+        taken = [step["candidates"] if negatives == "queue" else step for step in steps]
+        steps.clear()
+        return [rows.tolist() for rows in taken]
+
+    def run(folder, stop_after=None):
+        overrides = {"codir.negatives": negatives, "train.epochs": 2, "eval.every": 6, "train.lr": 0.003}
+        return run_finetuning(config(tmp_path / folder, task_teacher, task, **overrides), stop_after=stop_after)
+
+    whole = run("whole")
+    whole_drawn = drawn()
+    stopped = run("split", stop_after=7)  # 12 steps per epoch: in the middle of the first
+    assert len(stopped.history) == 7
+    assert (tmp_path / "split/out/checkpoints/latest").read_text() == "step_7"
+    resumed = run("split")
+    assert drawn() == whole_drawn
+    assert len(whole_drawn) == 24
+    assert resumed.history == whole.history[7:]
+    assert resumed.evals == whole.evals
+    assert [e["step"] for e in whole.evals] == [6, 12, 18, 24]
+    assert resumed.best == whole.best
 
 
 def test_teacher_finetuning_then_distillation_exports_the_best_student(tmp_path, task):

@@ -1,6 +1,7 @@
 """`launch/pretrain.py` as a user runs it (one process): bad input gives one line and exit code 2."""
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -90,6 +91,15 @@ def test_missing_crashed_and_corrupt_checkpoints(config, tmp_path):
     assert one_line_error(pretrain(config, "--train.max_steps=5")) == (
         f"corrupt checkpoint {checkpoints / 'step_4'}: rank_0.safetensors: SafetensorError: Error while deserializing header: invalid header length; "
         "resume from step_3, the newest complete checkpoint, with --checkpoint.resume=step_3"
+    )
+
+    narrow = pretrain(config, f"--output.dir={tmp_path / 'narrow'}", "--codir.projection_dim=8", "--train.max_steps=1", "--output.export=False")
+    assert narrow.returncode == 0, narrow.stderr[-3000:]
+    shutil.copytree(tmp_path / "narrow/checkpoints/step_1", checkpoints / "step_1")  # another run's checkpoint, put among this run's
+    assert one_line_error(pretrain(config, "--checkpoint.resume=step_1", "--train.max_steps=5")) == (
+        f"checkpoint {checkpoints / 'step_1'} holds a model of other shapes than this run builds (size mismatch for codir.heads.student.weight: "
+        "copying a param with shape torch.Size([8, 64]) from checkpoint, the shape in current model is torch.Size([16, 64])); resume with "
+        "the model settings it was written with; resume from step_4, the newest complete checkpoint, with --checkpoint.resume=step_4"
     )
 
 

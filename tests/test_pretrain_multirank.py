@@ -12,6 +12,8 @@ from helpers import REPO, launch_worker, save_tiny_model, tensorboard_scalars, t
 from safetensors import safe_open
 from transformers import AutoModelForMaskedLM
 
+from codir_ds.runs.universal import convert_to_universal
+
 pytestmark = pytest.mark.multirank
 WORKER = REPO / "tests/workers/pretrain_worker.py"
 
@@ -97,8 +99,13 @@ def test_zero3_student_resume_equals_uninterrupted_and_export_reloads_without_co
     parts = tmp_path / "parts"
     parts.mkdir()
     config = write_run_config(parts, tiny_teacher, corpus, train=zero3)
-    first, _ = launch(config, parts, "--stop_after=3")
+    first, _ = launch(config, parts, "--stop_after=3", f"--probe={probe}")
     assert not (parts / "out/student").exists()  # stopped early: checkpoint, no export
+    # 2 -> 1 ranks from this ZeRO-3 step_3, through the universal conversion: the weights come back exactly
+    (elastic,) = launch(config, parts, "--stop_after=3", f"--probe={probe}", "--train.gradient_accumulation_steps=2", ranks=1)
+    assert elastic["losses"] == []
+    assert (parts / "out/checkpoints/step_3_universal/codir_source.txt").is_file()
+    torch.testing.assert_close(torch.tensor(elastic["probe_logits"]), torch.tensor(first["probe_logits"]), rtol=0, atol=1e-6)
     resumed, _ = launch(config, parts, f"--probe={probe}")
 
     assert len(first["losses"]) == 3
@@ -120,6 +127,34 @@ def test_zero3_student_resume_equals_uninterrupted_and_export_reloads_without_co
     exported_names = safe_open(str(parts / "out/student/model.safetensors"), "pt").keys()
     assert exported_names
     assert all(name.startswith(("bert.", "cls.")) for name in exported_names)
+
+    # A tag saved again (step_3 now holding step_6's files) is converted again, not served from the old conversion.
+    checkpoints = whole / "out/checkpoints"
+    convert_to_universal(checkpoints, "step_3")
+    before = universal_weights(checkpoints / "step_3_universal")
+    for source in (checkpoints / "step_6").glob("*_states.pt"):
+        shutil.copy2(source, checkpoints / "step_3" / source.name)
+    convert_to_universal(checkpoints, "step_3")
+    convert_to_universal(checkpoints, "step_6")
+    after, step6 = universal_weights(checkpoints / "step_3_universal"), universal_weights(checkpoints / "step_6_universal")
+    assert after.keys() == step6.keys() == before.keys()
+    assert all(torch.equal(after[name], step6[name]) for name in after)
+    assert not all(torch.equal(after[name], before[name]) for name in after)
+
+
+def test_elastic_resume_2_to_1_from_a_zero0_checkpoint_loads_it_as_it_is(tmp_path, tiny_teacher):
+    probe = json.dumps([[2, 5, 9, 11, 7, 3], [2, 12, 13, 14, 4, 3]])
+    config = write_run_config(tmp_path, tiny_teacher, write_corpus(tmp_path / "corpus.txt"), train={"deepspeed_config": "ds_configs/cpu_zero0.json"})
+    first, _ = launch(config, tmp_path, "--stop_after=3", f"--probe={probe}")
+    (elastic,) = launch(config, tmp_path, "--stop_after=3", f"--probe={probe}", "--train.gradient_accumulation_steps=2", ranks=1)
+    assert elastic["losses"] == []
+    assert not (tmp_path / "out/checkpoints/step_3_universal").exists()  # whole, unpartitioned state: no conversion
+    torch.testing.assert_close(torch.tensor(elastic["probe_logits"]), torch.tensor(first["probe_logits"]), rtol=0, atol=1e-6)
+
+
+def universal_weights(folder) -> dict:
+    """The fp32 weights of a universal checkpoint, by parameter."""
+    return {path.parent.name: torch.load(path, weights_only=True) for path in (folder / "zero").glob("*/fp32.pt")}
 
 
 def step_samples(facts_per_rank: list[dict], accumulation: int) -> list[set[int]]:

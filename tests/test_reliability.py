@@ -337,6 +337,24 @@ def test_export_refuses_a_file_and_a_non_empty_folder(tmp_path, spec_only):
     assert (tmp_path / "full/keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("zero", [False, True], ids=["stage0", "zero"])
+def test_export_refuses_a_model_file_that_would_run_code_and_runs_none_of_it(tmp_path, spec_only, zero):
+    marker = tmp_path / "code_ran"
+    folder = spec_only / "step_1"
+    folder.mkdir()
+    torch.save({"module": {"student.weight": torch.zeros(2)}, "trap": RunsCode(str(marker))}, folder / "mp_rank_00_model_states.pt")
+    if zero:  # DeepSpeed's own loader (zero_to_fp32) reads this folder
+        torch.save({"optimizer_state_dict": {"zero_stage": 2}}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CodirError) as caught:
+        export_student(spec_only, tmp_path / "student", tag="step_1")
+    assert not marker.exists()
+    assert str(caught.value) == (
+        f"export: {folder / 'mp_rank_00_model_states.pt'} would run code when unpickled (it names io.open, neither a tensor nor "
+        "DeepSpeed's own state); it was not loaded: export only checkpoints you trust"
+    )
+    assert not (tmp_path / "student").exists()
+
+
 def test_the_anchors_own_example_is_never_its_negative():
     anchors = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
     candidates = torch.cat([anchors, anchors])  # in-batch rows, then the queue: last epoch's copies of the same examples

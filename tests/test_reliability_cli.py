@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -46,9 +47,13 @@ def test_a_rerun_never_silently_reuses_or_destroys_the_run(config, tmp_path, hea
     assert "holds another run's checkpoints" in fresh
     assert "--output.overwrite=true" in fresh
 
-    again = pretrain(config)  # the same settings: nothing to train, said so
+    first_export = {path.name: path.read_bytes() for path in (out / "student").iterdir()}
+    shutil.rmtree(out / "student")
+    again = pretrain(config)  # the same settings: nothing to train, said so, and the deleted export written again
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to train: step_3 is at step 3" in again.stdout
+    assert {path.name: path.read_bytes() for path in (out / "student").iterdir()} == first_export
+    assert {"model.safetensors", "config.json", "README.md"} <= set(first_export)
 
     over = pretrain(config, "--checkpoint.resume=", "--output.overwrite=true", "--train.max_steps=2", "--checkpoint.every=1")
     assert over.returncode == 0, over.stderr[-3000:]

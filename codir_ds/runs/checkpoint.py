@@ -158,7 +158,7 @@ def load_checkpoint(engine, directory: Path, resume: Resume, elastic: bool = Fal
         if "size mismatch" in str(err):
             raise CodirError(
                 f"checkpoint {folder} holds a model of other shapes than this run builds ({error_line(err, index=1, limit=160)}); "
-                f"resume with the model settings it was written with"
+                f"resume with the model settings it was written with{_advice(directory, exclude=resume.tag)}"
             ) from None
         raise CodirError(
             f"corrupt checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}{_advice(directory, exclude=resume.tag)}"

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import copy
 import glob
+import pickle
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import transformers
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import (
     AutoConfig,
@@ -25,6 +30,7 @@ from .model_card import checkpoint_card
 
 STUDENT_SPEC = "student_spec"  # folder beside the checkpoints: the student's config.json and tokenizer
 STUDENT_PREFIX = "student."  # parameters under StudentWithHeads.student; heads are dropped
+DEEPSPEED_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # pickled in DeepSpeed's own state files
 
 
 def save_student_spec(directory: Path, student: PreTrainedModel, tokenizer) -> None:
@@ -93,9 +99,27 @@ def _consolidated_state(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tenso
     if not folder.is_dir():
         raise CodirError(f"export: no checkpoint {tag!r} in {checkpoint_dir}")
     try:
+        _require_plain_pickles(folder)
         if glob.glob(str(folder / "*optim_states.pt")):  # ZeRO 1-3 (or bf16) shards: gather fp32 master weights
             return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
         model_file = folder / "mp_rank_00_model_states.pt"
         return torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+    except CodirError:
+        raise
     except Exception as err:
         raise CodirError(f"export: corrupt checkpoint {folder}: {type(err).__name__}: {error_line(err, limit=200)}") from None
+
+
+def _require_plain_pickles(folder: Path) -> None:
+    """Refuse DeepSpeed state files that hold anything but tensors, plain values and DeepSpeed's own state classes
+    (a pickle can run code), checked with torch's weights-only unpickler before DeepSpeed's loader opens them."""
+    for path in sorted(folder.glob("*_states.pt")):
+        try:
+            with torch.serialization.safe_globals(DEEPSPEED_CLASSES):
+                torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError as err:
+            named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            raise CodirError(
+                f"export: {path} would run code when unpickled (it names {named.group(1) if named else error_line(err, limit=120)}, "
+                f"neither a tensor nor DeepSpeed's own state); it was not loaded: export only checkpoints you trust"
+            ) from None
