@@ -256,7 +256,7 @@ def test_baseline_intermediate_losses_train_through_the_same_loop(tmp_path, task
 
 
 def test_crd_nce_trains_against_its_momentum_memory(tmp_path, task_teacher, task):
-    overrides = {"codir.objective": "crd_nce", "loss.beta": 1.0, "train.epochs": 3, "train.lr": 0.003}
+    overrides = {"codir.objective": "crd_nce", "loss.beta": 1.0, "train.epochs": 2, "train.lr": 0.003}
     run = run_finetuning(config(tmp_path, task_teacher, task, **overrides))
     memory = run.student.module.codir.memory
     assert memory.normalisers.min() > 0  # Z set at the first step

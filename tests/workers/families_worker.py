@@ -1,5 +1,5 @@
-"""Run by the deepspeed launcher: stage-1 runs of the given configs in turn, each with the teacher partitioned by
-ZeRO-3 and replicated; per run the logged losses and how much of the teacher rank 0 held."""
+"""Run by the deepspeed launcher: stage-1 runs of the given configs in turn with the teacher partitioned by ZeRO-3
+(and `replicated_too`'s replicated as well); per run the logged losses and how much of the teacher rank 0 held."""
 
 import json
 
@@ -12,10 +12,10 @@ from codir_ds.runtime.config import load_config
 from codir_ds.runtime.distributed import rank, shutdown
 
 
-def main(configs: str, out: str, local_rank: int = 0) -> None:
+def main(configs: str, out: str, replicated_too: str = "", local_rank: int = 0) -> None:
     facts = {}
     for config in configs.split(","):
-        for zero3 in (True, False):
+        for zero3 in (True, False) if config == replicated_too else (True,):
             run = run_pretraining(load_config(PretrainConfig, config, {"teacher.zero3": zero3, "output.dir": f"{config}.zero3-{zero3}"}))
             total, here = parameter_counts(run.teacher)
             facts[f"{config} zero3={zero3}"] = {"losses": run.history, "teacher_total": total, "teacher_here": here}
