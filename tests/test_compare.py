@@ -175,17 +175,24 @@ def test_the_baselines_and_the_first_tau_start_first():
     assert order[6:] == [(f"codir_b{b}_t0.2_k100", s) for s in (1, 2) for b in ("0.1", "1")]
 
 
-def test_compare_trains_and_reports_dev_and_test_of_the_dev_selected_checkpoint(tmp_path):
-    setting = {
-        "task.train_file": str(write_task(tmp_path / "train.csv", 48)),
-        "task.dev_files": [str(write_task(tmp_path / "dev.csv", 16, seed=1)), str(write_task(tmp_path / "test.csv", 16, seed=2))],
+def tiny_task(folder, train_examples: int) -> dict:
+    """Overrides for a tiny task: train, dev and test files, its labels, a task teacher, short runs."""
+    return {
+        "task.train_file": str(write_task(folder / "train.csv", train_examples)),
+        "task.dev_files": [str(write_task(folder / "dev.csv", 16, seed=1)), str(write_task(folder / "test.csv", 16, seed=2))],
         "task.labels": ["neg", "pos"],
-        "teacher.path": str(save_task_teacher(tmp_path / "teacher")),
-        "student.num_layers": 2,
+        "teacher.path": str(save_task_teacher(folder / "teacher")),
         "task.max_seq_length": 24,
         "train.micro_batch_size": 8,
         "train.epochs": 1,
         "eval.every": 2,
+    }
+
+
+def test_compare_trains_and_reports_dev_and_test_of_the_dev_selected_checkpoint(tmp_path):
+    setting = {
+        **tiny_task(tmp_path, 48),
+        "student.num_layers": 2,
         "codir.num_negatives": 8,
         "codir.projection_dim": 16,
         "output.export": True,
@@ -210,16 +217,7 @@ def test_compare_trains_and_reports_dev_and_test_of_the_dev_selected_checkpoint(
 
 
 def test_pre_fine_pretrains_with_and_without_codir_and_finetunes_both_on_the_same_seeds(tmp_path, tiny_teacher):
-    setting = {
-        "task.train_file": str(write_task(tmp_path / "train.csv", 32)),
-        "task.dev_files": [str(write_task(tmp_path / "dev.csv", 16, seed=1)), str(write_task(tmp_path / "test.csv", 16, seed=2))],
-        "task.labels": ["neg", "pos"],
-        "teacher.path": str(save_task_teacher(tmp_path / "task_teacher")),
-        "task.max_seq_length": 24,
-        "train.micro_batch_size": 8,
-        "train.epochs": 1,
-        "eval.every": 2,
-    }
+    setting = tiny_task(tmp_path, 32)
     corpus = str(write_corpus(tmp_path / "corpus.txt", documents=40))
     out = tmp_path / "out"
     rows = pre_fine.pre_fine("rotten_tomatoes", seeds=2, steps=2, out=str(out), corpus=corpus, pretrain_teacher=str(tiny_teacher), **setting)
