@@ -174,8 +174,7 @@ def split_by_group(items: list[dict[str, str]], sizes: dict[str, int], group: st
     speaker) at a time, so that no group and no text is in two splits.
 
     A text (with its `text_pair`, for a pair task) that occurs more than once is kept once (its first occurrence).
-    Groups are shuffled with `seed` and
-    dealt to the splits in turn, each taking groups until it holds enough items; a split's items are then
+    Groups are shuffled with `seed` and dealt to the splits in turn, each taking groups until it holds enough items; a split's items are then
     shuffled and cut to its size (the surplus of its last group is dropped, never moved to another split).
     """
     seen, groups = set(), {}

@@ -35,8 +35,8 @@ class MomentumMemory(nn.Module):
             torch.exp(torch.einsum("bd,bkd->bk", anchors, memory[rows].detach()) / self.tau)
             for anchors, memory in ((student, self.teacher_rows), (teacher, self.student_rows))
         ]
-        if self.normalisers[0] < 0:  # CRD's estimate of Z from the first batch, kept for the whole run
-            self.normalisers.copy_(torch.stack([s.detach().mean() * len(self.student_rows) for s in scores]))
+        estimate = torch.stack([s.detach().mean() * len(self.student_rows) for s in scores])  # CRD's Z from the first batch,
+        self.normalisers.copy_(torch.where(self.normalisers < 0, estimate, self.normalisers))  # kept after (no host sync)
         noise = 1 / len(self.student_rows)
         loss = binary_nce(scores[0] / self.normalisers[0], noise) + binary_nce(scores[1] / self.normalisers[1], noise)
         self._update(ids, student.detach(), teacher.detach())

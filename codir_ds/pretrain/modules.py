@@ -75,5 +75,6 @@ class StudentWithHeads(nn.Module):
         w = self.weights
         total = w.mlm * terms["mlm"] + w.kd * terms.get("kd", 0.0) + w.codir * terms["codir"]
         if self.measure_gradients:  # `logging.gradient_ratio`, on a logging step
-            stats["gradient_ratio"] = gradient_norm_ratio(w.codir * terms["codir"], total - w.codir * terms["codir"], trainable(self.student))
+            weighted = w.codir * terms["codir"]
+            stats["gradient_ratio"] = gradient_norm_ratio(weighted, total - weighted, trainable(self.student))
         return {"total": total, **terms}, stats
